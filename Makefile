@@ -1,0 +1,39 @@
+# Two commands for a newcomer: `make demo` and `make test`.  Both create .venv
+# on first use from pyproject.toml, pinned by constraints.txt.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: test demo bench install prometheus lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# pip 23 cannot resolve ray's extras under a constraints file; 24+ can.
+	$(PIP) install --quiet --upgrade 'pip>=24'
+	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+# The telemetry tests scrape real runs with Debian's prometheus server.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's prometheus package"; \
+	    (apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)) \
+	     || echo "could not install prometheus; its tests will fail under CI=true"; \
+	  else echo "prometheus not found; install it (apt-get install prometheus) to run its tests"; fi; }
+
+test: install prometheus
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(VENV)/bin/gradyard run jobs/mnist-lenet.yaml --fresh
+
+bench: install prometheus
+	$(PY) -m bench
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from gradyard.cli import main
+
+sys.exit(main())

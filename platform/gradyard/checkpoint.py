@@ -1,0 +1,322 @@
+"""The checkpoint format, its background writer, and how checkpoints are found again.
+
+Layout of one run directory (a :class:`~gradyard.storage.Storage`)::
+
+    <run>/checkpoints/step_000000120/
+        model.pt        plain state_dict of the unwrapped model
+        optimizer.pt    optimizer state_dict
+        state.pt        trainer state: epoch, step, position in the epoch, LR
+                        scheduler, grad scaler, every rank's RNG states,
+                        callbacks' state, metrics, the job spec and its hash
+        manifest.json   size and sha256 of each file above; written last
+
+A checkpoint without its manifest, or whose files do not match it, is never
+loaded.  All files load with ``torch.load(..., weights_only=True)``.
+
+The training loop is blocked only while state is copied to host memory (and
+while a previous upload is still running); serialisation, hashing and upload
+happen on a background thread with retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from gradyard.storage import Storage, redact, with_retries
+
+log = logging.getLogger("gradyard.checkpoint")
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FILES = ("model.pt", "optimizer.pt", "state.pt")
+DIR_PREFIX = "step_"
+
+
+def checkpoint_dirname(step: int) -> str:
+    return f"{DIR_PREFIX}{step:09d}"
+
+
+def to_cpu(obj: Any) -> Any:
+    """Deep copy of a nested state with every tensor copied to host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def tensor_digest(obj: Any) -> str:
+    """sha256 over a nested state's tensors and values, independent of pickling."""
+    h = hashlib.sha256()
+
+    def walk(o: Any, prefix: str) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().to("cpu").contiguous()
+            h.update(f"{prefix}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, dict):
+            for k in sorted(o, key=str):
+                walk(o[k], f"{prefix}/{k}")
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, f"{prefix}[{i}]")
+        else:
+            h.update(f"{prefix}={o!r}".encode())
+
+    walk(obj, "")
+    return h.hexdigest()
+
+
+@dataclass
+class CheckpointInfo:
+    step: int
+    path: str
+    """Path of the checkpoint directory on the run's filesystem."""
+    status: str = "incomplete"
+    """complete, incomplete (no manifest: never finished) or corrupt (files do not match)."""
+    epoch: Optional[int] = None
+    time: Optional[float] = None
+    size_bytes: int = 0
+    metrics: dict = field(default_factory=dict)
+    problem: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------- reading
+
+
+def _read_manifest(storage: Storage, ckpt_path: str) -> Optional[dict]:
+    mpath = posixpath.join(ckpt_path, MANIFEST)
+    try:
+        with storage.fs.open(mpath, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def verify(storage: Storage, info: CheckpointInfo, manifest: dict, deep: bool = True) -> CheckpointInfo:
+    total = 0
+    for name, meta in manifest.get("files", {}).items():
+        fpath = posixpath.join(info.path, name)
+        try:
+            size = storage.fs.size(fpath)
+        except FileNotFoundError:
+            info.status, info.problem = "corrupt", f"{name} is missing"
+            return info
+        if size != meta["size"]:
+            info.status, info.problem = "corrupt", f"{name} has {size} bytes, manifest says {meta['size']}"
+            return info
+        if deep:
+            h = hashlib.sha256()
+            with storage.fs.open(fpath, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+            if h.hexdigest() != meta["sha256"]:
+                info.status, info.problem = "corrupt", f"{name} does not match its sha256"
+                return info
+        total += size
+    info.status, info.size_bytes = "complete", total
+    return info
+
+
+def list_checkpoints(storage: Storage, deep: bool = True) -> list[CheckpointInfo]:
+    """Every checkpoint under ``<run>/checkpoints``, oldest first, with its status."""
+    base = storage.join("checkpoints")
+    try:
+        entries = storage.fs.ls(base, detail=False)
+    except FileNotFoundError:
+        return []
+    out = []
+    for entry in entries:
+        name = posixpath.basename(entry.rstrip("/"))
+        if not name.startswith(DIR_PREFIX):
+            continue
+        try:
+            step = int(name[len(DIR_PREFIX):])
+        except ValueError:
+            continue
+        info = CheckpointInfo(step=step, path=posixpath.join(base, name))
+        manifest = _read_manifest(storage, info.path)
+        if manifest is None:
+            info.status, info.problem = "incomplete", "no manifest"
+            try:
+                info.size_bytes = sum(storage.fs.du(info.path, total=False).values())
+            except Exception:  # noqa: BLE001 - size of a broken checkpoint is best effort
+                pass
+        else:
+            info.epoch = manifest.get("epoch")
+            info.time = manifest.get("time")
+            info.metrics = manifest.get("metrics", {})
+            verify(storage, info, manifest, deep=deep)
+        out.append(info)
+    out.sort(key=lambda i: i.step)
+    return out
+
+
+def newest_complete(storage: Storage, say: Callable[[str], None] = log.warning) -> Optional[CheckpointInfo]:
+    """The newest checkpoint that verifies; says which newer ones were skipped and why."""
+    for info in reversed(list_checkpoints(storage, deep=True)):
+        if info.status == "complete":
+            return info
+        say(f"skipping checkpoint at step {info.step}: {info.status} ({info.problem}); "
+            "falling back to an older one")
+    return None
+
+
+def load_checkpoint(storage: Storage, info: CheckpointInfo, names=FILES) -> dict[str, Any]:
+    out = {}
+    for name in names:
+        with storage.fs.open(posixpath.join(info.path, name), "rb") as f:
+            data = f.read()
+        out[name] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return out
+
+
+# --------------------------------------------------------------- writing
+
+
+@dataclass
+class Snapshot:
+    """Host-memory copy of everything a checkpoint holds, taken on the training thread."""
+
+    step: int
+    epoch: int
+    files: dict[str, Any]
+    metrics: dict
+    spec_hash: str
+
+
+class CheckpointWriter:
+    """Writes snapshots to storage on one background thread.
+
+    ``submit`` waits only for the previous upload (one in flight at a time, so
+    host memory holds at most two snapshots) and returns how long it waited.
+    """
+
+    def __init__(self, storage: Storage, keep: int, best_metric: Optional[str] = None,
+                 best_mode: str = "max", retry_attempts: int = 6,
+                 on_done: Optional[Callable[[Snapshot, bool, float], None]] = None):
+        self.storage = storage
+        self.keep = keep
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.retry_attempts = retry_attempts
+        self.on_done = on_done
+        self.saved_total = 0
+        self.failures_total = 0
+        self.last_error: Optional[str] = None
+        self._queue: "queue.Queue[Optional[Snapshot]]" = queue.Queue(maxsize=1)
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="gradyard-ckpt-writer", daemon=True)
+        self._thread.start()
+
+    # -- training-thread side
+    def wait(self) -> float:
+        t0 = time.perf_counter()
+        self._idle.wait()
+        return time.perf_counter() - t0
+
+    def submit(self, snap: Snapshot) -> float:
+        waited = self.wait()
+        self._idle.clear()
+        self._queue.put(snap)
+        return waited
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        self._idle.wait(timeout)
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # -- background side
+    def _run(self) -> None:
+        while True:
+            snap = self._queue.get()
+            if snap is None:
+                return
+            t0 = time.perf_counter()
+            ok = False
+            try:
+                self._write(snap)
+                self.saved_total += 1
+                ok = True
+                try:
+                    self._retain(snap)
+                except Exception as exc:  # noqa: BLE001 - retention failure must not kill training
+                    log.warning("checkpoint retention failed: %s", redact(str(exc))[:200])
+            except Exception as exc:  # noqa: BLE001 - an unwritable checkpoint is logged, counted, survived
+                self.failures_total += 1
+                self.last_error = redact(f"{type(exc).__name__}: {exc}")[:300]
+                log.error("checkpoint at step %d could not be written: %s; training goes on",
+                          snap.step, self.last_error)
+            finally:
+                if self.on_done:
+                    try:
+                        self.on_done(snap, ok, time.perf_counter() - t0)
+                    except Exception:  # noqa: BLE001
+                        log.exception("checkpoint callback failed")
+                self._idle.set()
+
+    def _write(self, snap: Snapshot) -> None:
+        fs = self.storage.fs
+        ckpt_path = self.storage.join("checkpoints", checkpoint_dirname(snap.step))
+        files_meta = {}
+        for name, obj in snap.files.items():
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            data = buf.getvalue()
+            files_meta[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            fpath = posixpath.join(ckpt_path, name)
+
+            def put(fpath=fpath, data=data):
+                with fs.open(fpath, "wb") as f:
+                    f.write(data)
+
+            with_retries(put, what=f"upload {name} (step {snap.step})",
+                         attempts=self.retry_attempts, log=log.warning)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "step": snap.step,
+            "epoch": snap.epoch,
+            "time": time.time(),
+            "spec_hash": snap.spec_hash,
+            "metrics": snap.metrics,
+            "files": files_meta,
+        }
+        mdata = json.dumps(manifest, indent=1, sort_keys=True).encode()
+
+        def put_manifest():
+            with fs.open(posixpath.join(ckpt_path, MANIFEST), "wb") as f:
+                f.write(mdata)
+
+        with_retries(put_manifest, what=f"upload manifest (step {snap.step})",
+                     attempts=self.retry_attempts, log=log.warning)
+
+    def _retain(self, latest: Snapshot) -> None:
+        infos = list_checkpoints(self.storage, deep=False)
+        complete = [i for i in infos if i.status == "complete"]
+        keep_steps = {i.step for i in complete[-self.keep:]}
+        scored = [i for i in complete if self.best_metric and self.best_metric in i.metrics]
+        if scored:
+            pick = max if self.best_mode == "max" else min
+            keep_steps.add(pick(scored, key=lambda i: float(i.metrics[self.best_metric])).step)
+        for info in infos:
+            # Older incomplete ones are left-overs of a crash or an outage.
+            stale_incomplete = info.status != "complete" and info.step < latest.step
+            if (info.status == "complete" and info.step not in keep_steps) or stale_incomplete:
+                self.storage.fs.rm(info.path, recursive=True)

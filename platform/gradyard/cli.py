@@ -1,0 +1,230 @@
+"""The `gradyard` command.  Errors are one clear message and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from gradyard.job import JobError, load_job
+from gradyard.storage import StorageError, redact
+
+JOBS_DIR_ENV = "GRADYARD_JOBS_DIR"
+
+
+class CLIError(Exception):
+    pass
+
+
+def _jobs_dir() -> Path:
+    if os.environ.get(JOBS_DIR_ENV):
+        return Path(os.environ[JOBS_DIR_ENV])
+    here = Path.cwd() / "jobs"
+    if here.is_dir():
+        return here
+    return Path(__file__).resolve().parents[2] / "jobs"
+
+
+def cmd_validate(args) -> int:
+    bad = 0
+    for f in args.files:
+        try:
+            spec = load_job(f, args.overrides)
+            print(f"{f}: ok ({spec.name}: {spec.model.arch} on {spec.data.source})")
+        except JobError as exc:
+            print(str(exc), file=sys.stderr)
+            bad += 1
+    return 1 if bad else 0
+
+
+def cmd_jobs(args) -> int:
+    import torch  # noqa: F401 - fail early and clearly if torch is missing
+
+    from gradyard.data import build_datasets
+    from gradyard.models import build_model, count_parameters
+
+    files = sorted(_jobs_dir().glob("*.yaml"))
+    if not files:
+        raise CLIError(f"no job definitions in {_jobs_dir()}")
+    rows = []
+    for f in files:
+        try:
+            spec = load_job(f, ["data.source=synthetic"] if args.synthetic_shapes else [])
+        except JobError as exc:
+            rows.append((f.name, "INVALID", str(exc).splitlines()[-1].strip(), "", ""))
+            continue
+        params = "?"
+        try:
+            # Parameter counts need only shapes: build on synthetic data of the real shape.
+            data = spec.data
+            if data.is_url:  # real data may be absent here: synthetic data of its shape
+                data = data.model_copy(update={"source": "synthetic", "num_samples": 16})
+            probe = spec.model_copy(update={
+                "data": data, "model": spec.model.model_copy(update={"pretrained": None})})
+            _, _, info = build_datasets(probe)
+            total, trainable = count_parameters(build_model(probe, info))
+            params = f"{total:,}" if total == trainable else f"{total:,} ({trainable:,} trainable)"
+        except Exception as exc:  # noqa: BLE001 - a listing should not die on one job
+            params = f"? ({type(exc).__name__})"
+        rows.append((f.name, spec.name, spec.model.arch, spec.data.source, params))
+    if args.json:
+        print(json.dumps([dict(zip(("file", "name", "model", "data", "parameters"), r)) for r in rows],
+                         indent=2))
+        return 0
+    head = ("FILE", "NAME", "MODEL", "DATA", "PARAMETERS")
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
+    for r in [head] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_run(args) -> int:
+    from gradyard.runner import run_job
+
+    spec = load_job(args.file, args.overrides)
+    summary = run_job(spec, address=args.address, storage_url=args.storage, fresh=args.fresh)
+    _print_summary(summary, args)
+    return 0
+
+
+def _print_summary(summary: dict, args) -> None:
+    m = summary.get("metrics", {})
+    acc = m.get("test_accuracy")
+    line = f"[{summary['job']}] finished: {summary['steps']} steps, {summary['epochs']} epochs"
+    if acc is not None:
+        line += f", test accuracy {acc:.4f}"
+    elif "test_loss" in m:
+        line += f", test loss {m['test_loss']:.4f}"
+    print(line)
+    if summary.get("data", {}).get("synthetic"):
+        print(f"[{summary['job']}] data: synthetic")
+    run_url = summary.get("run_url")
+    if run_url:
+        print(f"[{summary['job']}] checkpoints: {run_url}/checkpoints  summary: {run_url}/summary.json")
+
+
+def cmd_checkpoints(args) -> int:
+    from gradyard.checkpoint import list_checkpoints
+    from gradyard.storage import open_storage
+
+    run = open_storage(args.run_url, args.endpoint_url)
+    infos = list_checkpoints(run, deep=not args.quick)
+    if args.json:
+        print(json.dumps([i.to_json() for i in infos], indent=2))
+        return 0
+    if not infos:
+        print(f"no checkpoints under {redact(run.url)}/checkpoints")
+        return 0
+    import datetime as dt
+
+    print(f"{'STEP':>9}  {'EPOCH':>5}  {'TIME':19}  {'SIZE':>10}  STATUS")
+    for i in infos:
+        when = dt.datetime.fromtimestamp(i.time).strftime("%Y-%m-%d %H:%M:%S") if i.time else "-"
+        size = f"{i.size_bytes / 1e6:.2f} MB"
+        status = i.status + (f" ({i.problem})" if i.problem else "")
+        epoch = "-" if i.epoch is None else str(i.epoch)
+        print(f"{i.step:>9}  {epoch:>5}  {when:19}  {size:>10}  {status}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from gradyard.checkpoint import list_checkpoints, load_checkpoint
+    from gradyard.storage import open_storage
+
+    run = open_storage(args.run_url, args.endpoint_url)
+    infos = [i for i in list_checkpoints(run) if i.status == "complete"]
+    if args.step is not None:
+        infos = [i for i in infos if i.step == args.step]
+        if not infos:
+            raise CLIError(f"no complete checkpoint at step {args.step} under {redact(run.url)}")
+    if not infos:
+        raise CLIError(f"no complete checkpoint under {redact(run.url)}/checkpoints")
+    info = infos[-1]
+    state_dict = load_checkpoint(run, info, names=("model.pt",))["model.pt"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, out)
+    print(f"exported the model state_dict of step {info.step} to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gradyard", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    v = sub.add_parser("validate", help="validate job files")
+    v.add_argument("files", nargs="+")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    v.set_defaults(fn=cmd_validate)
+
+    j = sub.add_parser("jobs", help="list the documented job definitions")
+    j.add_argument("--json", action="store_true")
+    j.add_argument("--synthetic-shapes", action="store_true", help=argparse.SUPPRESS)
+    j.set_defaults(fn=cmd_jobs)
+
+    r = sub.add_parser("run", help="train a job on Ray (an embedded cluster unless --address)")
+    r.add_argument("file")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job key, e.g. --set schedule.epochs=3")
+    r.add_argument("--address", help="Ray cluster address (default: start an embedded cluster)")
+    r.add_argument("--storage", help="put the run directory at URL/<job name>")
+    r.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    r.set_defaults(fn=cmd_run)
+
+    c = sub.add_parser("checkpoints", help="list a run's checkpoints and their status")
+    c.add_argument("run_url")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--quick", action="store_true", help="check sizes only, not sha256")
+    c.add_argument("--endpoint-url")
+    c.set_defaults(fn=cmd_checkpoints)
+
+    e = sub.add_parser("export", help="write a checkpoint's model state_dict for inference")
+    e.add_argument("run_url")
+    e.add_argument("--out", required=True)
+    e.add_argument("--step", type=int)
+    e.add_argument("--endpoint-url")
+    e.set_defaults(fn=cmd_export)
+
+    try:
+        from gradyard import submit as _submit
+
+        _submit.add_commands(sub)
+    except ImportError:
+        pass
+    try:
+        from gradyard.analysis import cli as _analysis_cli
+
+        _analysis_cli.add_commands(sub)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except (JobError, StorageError, CLIError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
+        from gradyard.runner import RunError
+
+        if isinstance(exc, RunError):
+            print(f"error: training failed: {exc}", file=sys.stderr)
+            return 1
+        if os.environ.get("GRADYARD_DEBUG"):
+            raise
+        print(f"error: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The training loop's events, and the one callback interface that listens to them.
+
+Where each event fires (see :mod:`gradyard.trainer`)::
+
+    FIT_START
+    for epoch in epochs:
+        EPOCH_START
+        for batch in shard(epoch, from position):
+            BEFORE_DATA                      # about to fetch the next batch
+            AFTER_DATA                       # batch on the device
+            BEFORE_FORWARD;  loss = model(batch)      AFTER_FORWARD
+            BEFORE_BACKWARD; loss.backward()          AFTER_BACKWARD   # DDP allreduce overlaps here
+            BEFORE_OPTIMIZER; optimizer.step()        AFTER_OPTIMIZER
+            BATCH_END                        # state.step advanced; checkpoint may be taken
+        EPOCH_END
+        EVAL_END                             # test metrics in state.metrics
+    FIT_END
+
+Callbacks (telemetry, checkpointing, progress) implement ``on_event``; the
+trainer never names them.  A callback with ``state_dict`` / ``load_state_dict``
+is saved in checkpoints under its ``name`` so rolling windows survive a resume.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gradyard.trainer import TrainState
+
+
+class Event(enum.Enum):
+    FIT_START = "fit_start"
+    EPOCH_START = "epoch_start"
+    BEFORE_DATA = "before_data"
+    AFTER_DATA = "after_data"
+    BEFORE_FORWARD = "before_forward"
+    AFTER_FORWARD = "after_forward"
+    BEFORE_BACKWARD = "before_backward"
+    AFTER_BACKWARD = "after_backward"
+    BEFORE_OPTIMIZER = "before_optimizer"
+    AFTER_OPTIMIZER = "after_optimizer"
+    BATCH_END = "batch_end"
+    EPOCH_END = "epoch_end"
+    EVAL_END = "eval_end"
+    CHECKPOINT_SAVED = "checkpoint_saved"
+    FIT_END = "fit_end"
+
+
+class Callback:
+    """Listens to training events. Override ``on_event``; keep it cheap on the step events."""
+
+    name: str = "callback"
+
+    def on_event(self, event: Event, state: "TrainState") -> None:  # pragma: no cover - interface
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        """Release threads, servers, files. Called once after FIT_END or on failure."""

@@ -1,0 +1,129 @@
+"""An HTTP proxy in front of an S3 endpoint that fails requests on purpose.
+
+Modes, switchable while it runs:
+- ``fail_rate``: share of requests answered with HTTP 500/503 or a dropped
+  connection (``fail_kinds`` picks among ``"500"``, ``"503"``, ``"drop"``);
+- ``outage``: every request is refused (connection closed) until cleared.
+
+Counters (``requests``, ``failed``, ``forwarded``) let tests check that faults
+really happened.  Binds to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
+
+_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, fail_rate: float = 0.0, fail_kinds=("500", "503", "drop"),
+                 seed: int = 0):
+        u = urlparse(upstream)
+        self.up_host, self.up_port = u.hostname, u.port or 80
+        self.fail_rate = fail_rate
+        self.fail_kinds = tuple(fail_kinds)
+        self.outage = False
+        self.requests = self.failed = self.forwarded = 0
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return out
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else b""
+
+            def _handle(self):
+                body = self._body()
+                verdict = proxy._decide()
+                if verdict == "drop":
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if verdict in ("500", "503"):
+                    code = int(verdict)
+                    msg = (b"<?xml version=\"1.0\"?><Error><Code>"
+                           + (b"InternalError" if code == 500 else b"SlowDown")
+                           + b"</Code><Message>injected fault</Message></Error>")
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                conn = http.client.HTTPConnection(proxy.up_host, proxy.up_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                if body or self.command in ("PUT", "POST"):
+                    headers["Content-Length"] = str(len(body))
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                with proxy._lock:
+                    proxy.forwarded += 1
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in _HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _decide(self) -> str:
+        with self._lock:
+            self.requests += 1
+            if self.outage:
+                self.failed += 1
+                return "drop"
+            if self.fail_rate and self._rng.random() < self.fail_rate:
+                self.failed += 1
+                return self._rng.choice(self.fail_kinds)
+            return "ok"
+
+    def start(self) -> "FaultProxy":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> "FaultProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,142 @@
+"""Shared fixtures: one real local Ray cluster per session, moto's S3 server, job paths.
+
+The Ray cluster is started with Ray's own CLI (`ray start --head`), token
+authentication on, every port on 127.0.0.1.  Tests that train in-process
+attach to it with ``ray.init(address=...)``; CLI tests pass ``--address``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = ROOT / "jobs"
+VENV_BIN = Path(sys.executable).parent
+
+# Distinctive fake credentials: tests grep every log line and file for them.
+TEST_ACCESS_KEY = "AKIAGRADYARDTEST7Q2X"
+TEST_SECRET_KEY = "gy-secret-" + uuid.uuid4().hex
+os.environ.update({
+    "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "token",
+    "PYTHONUNBUFFERED": "1",
+})
+os.environ.pop("AWS_ENDPOINT_URL", None)
+os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+os.environ.pop("AWS_PROFILE", None)
+
+
+def _token() -> str:
+    from ray._private.authentication.authentication_token_generator import (
+        generate_new_authentication_token,
+    )
+
+    return generate_new_authentication_token()
+
+
+os.environ.setdefault("RAY_AUTH_TOKEN", _token())
+
+
+def free_port() -> int:
+    from gradyard.testing import free_port as fp
+
+    return fp()
+
+
+class RayCluster:
+    def __init__(self):
+        self.temp_dir = tempfile.mkdtemp(prefix="gyray-", dir="/tmp")
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.extra_nodes: list[str] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def ray(self, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([str(VENV_BIN / "ray"), *args], capture_output=True, text=True,
+                              check=check, env={**os.environ, **(env or {})}, timeout=180)
+
+    def start(self) -> "RayCluster":
+        self.ray("start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+                 "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}",
+                 "--object-store-memory=300000000", "--disable-usage-stats",
+                 f"--ray-client-server-port={free_port()}", f"--min-worker-port={20000}",
+                 f"--max-worker-port={20999}", f"--dashboard-agent-listen-port={free_port()}",
+                 f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}")
+        return self
+
+    def add_node(self, num_cpus: int = 2, resources: str | None = None) -> None:
+        args = ["start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
+                f"--num-cpus={num_cpus}", "--object-store-memory=200000000",
+                f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}"]
+        if resources:
+            args.append(f"--resources={resources}")
+        self.ray(*args)
+
+    def stop(self) -> None:
+        self.ray("stop", "--force", check=False)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    cluster = RayCluster().start()
+    import ray
+
+    ray.init(address=cluster.address, log_to_driver=True)
+    yield cluster
+    ray.shutdown()
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from gradyard.testing import MotoServer
+
+    with MotoServer() as server:
+        server.create_bucket("gradyard-test")
+        yield server
+
+
+@pytest.fixture
+def tmp_runs(tmp_path) -> Path:
+    d = tmp_path / "runs"
+    d.mkdir()
+    return d
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real `gradyard` console script in a subprocess."""
+    return subprocess.run([str(VENV_BIN / "gradyard"), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd or ROOT)
+
+
+def wait_until(pred, timeout: float = 60, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}")

@@ -1,0 +1,375 @@
+"""Datasets: real-format fixtures on disk, errors that name the key, deterministic augmentation."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from gradyard.data import DataError, build_datasets
+from gradyard.data.augment import Augmented
+from gradyard.data.base import ImageDataset
+from gradyard.job import parse_job
+
+
+def spec_for(arch: str, source: str, fmt: str | None = None, augmentation=(), loss="auto",
+             seed: int = 0, **data):
+    data = {"source": source, **({"format": fmt} if fmt else {}), **data}
+    return parse_job({"name": "t", "model": {"arch": arch}, "data": data, "loss": loss,
+                      "schedule": {"epochs": 1, "seed": seed},
+                      "augmentation": list(augmentation)})
+
+
+def stack(ds, n=None):
+    items = [ds[i] for i in range(len(ds) if n is None else n)]
+    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+
+# ---------------------------------------------------------------- fixtures in real formats
+
+
+def write_idx(path, array: np.ndarray, gz: bool) -> None:
+    magic = 0x0803 if array.ndim == 3 else 0x0801
+    blob = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    blob += array.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        blob = gzip.compress(blob)
+    path.write_bytes(blob)
+
+
+def make_mnist(folder, gz: bool, n_train=20, n_test=10):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for part, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = np.arange(n) % 10
+        write_idx(folder / f"{part}-images-idx3-ubyte", images, gz)
+        write_idx(folder / f"{part}-labels-idx1-ubyte", labels, gz)
+        arrays[part] = (images, labels)
+    return arrays
+
+
+def make_imagefolder(root, splits=("train", "test"), per_class=3):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for cls in ("pizza", "steak", "sushi"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class if split == "train" else 1):
+                pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+
+
+def make_aclimdb(root):
+    reviews = {
+        "train": {"neg": ["Awful. Boring plot", "boring boring and dull"],
+                  "pos": ["A great, great film!<br />Loved it.", "great acting, superb"]},
+        "test": {"neg": ["boring", "dull"],
+                 "pos": ["great zebra", "a a a a a a a a a great"]},
+    }
+    for split, by_label in reviews.items():
+        for label, texts in by_label.items():
+            (root / "aclImdb" / split / label).mkdir(parents=True)
+            for i, text in enumerate(texts):
+                (root / "aclImdb" / split / label / f"{i}_7.txt").write_text(text)
+    (root / "aclImdb" / "train" / "unsup").mkdir()  # unlabelled reviews are ignored
+
+
+MAMMO = """5,67,3,5,3,1
+4,43,1,1,?,1
+5,58,4,5,3,1
+4,28,1,1,3,0
+5,74,1,5,?,1
+4,65,1,?,3,0
+4,70,?,?,3,0
+5,42,1,?,3,0
+5,57,1,5,3,1
+5,60,?,5,1,1
+5,76,1,4,3,1
+3,42,2,1,3,1
+4,64,1,?,3,0
+4,36,3,1,2,0
+4,60,2,1,2,0
+4,54,1,1,3,0
+3,52,3,4,3,0
+4,59,2,1,3,1
+4,54,1,1,3,1
+4,40,1,?,?,0
+"""
+
+
+# ---------------------------------------------------------------- MNIST IDX
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_files_load_as_images(tmp_path, gz):
+    arrays = make_mnist(tmp_path / "mnist", gz)
+    train, test, info = build_datasets(spec_for("lenet5", str(tmp_path / "mnist"), "idx"))
+    assert (info.input_shape, info.num_classes, info.task) == ((1, 28, 28), 10, "multiclass")
+    assert (len(train), len(test), info.train_size, info.test_size) == (20, 10, 20, 10)
+    x, y = test[3]
+    assert x.dtype == torch.float32 and y.dtype == torch.int64 and int(y) == 3
+    assert torch.equal(x[0], torch.from_numpy(arrays["t10k"][0][3]).float() / 255)
+
+
+def test_idx_in_torchvision_layout_and_resized_for_other_models(tmp_path):
+    make_mnist(tmp_path / "root" / "FashionMNIST" / "raw", gz=True)
+    _, test, info = build_datasets(spec_for("tinyvgg", f"file://{tmp_path}/root", "idx"))
+    assert info.input_shape == (3, 64, 64) and test[0][0].shape == (3, 64, 64)
+
+
+def test_idx_wrong_magic_and_missing_files(tmp_path):
+    make_mnist(tmp_path / "m", gz=False)
+    labels = (tmp_path / "m" / "train-labels-idx1-ubyte").read_bytes()
+    (tmp_path / "m" / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x03" + labels[4:])
+    with pytest.raises(DataError, match="is not an IDX file"):
+        build_datasets(spec_for("lenet5", str(tmp_path / "m"), "idx"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError) as err:
+        build_datasets(spec_for("lenet5", str(tmp_path / "empty"), "idx"))
+    assert str(err.value).startswith("data.source: no MNIST IDX files at")
+    assert "train-images-idx3-ubyte[.gz]" in str(err.value)
+    assert "--set data.source=synthetic" in str(err.value)
+    with pytest.raises(DataError) as err:  # the folder itself is missing
+        build_datasets(spec_for("lenet5", "/data/mnist", "idx"))
+    assert str(err.value).startswith("data.source: nothing at /data/mnist (expected MNIST IDX "
+                                     "files: train-images-idx3-ubyte[.gz], ")
+    assert str(err.value).endswith("or run with --set data.source=synthetic.")
+
+
+def test_remote_source_is_staged_once(tmp_path):
+    local = tmp_path / "mnist"
+    make_mnist(local, gz=True)
+    fs = fsspec.filesystem("memory")
+    for f in local.iterdir():
+        fs.pipe(f"/gradyard-test/mnist/{f.name}", f.read_bytes())
+    cache = tmp_path / "cache"
+    spec = spec_for("lenet5", "memory://gradyard-test/mnist", "idx", cache_dir=str(cache))
+    _, test, _ = build_datasets(spec)
+    staged = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(staged) == 1 and (staged[0] / "t10k-images-idx3-ubyte.gz").is_file()
+    fs.rm("/gradyard-test/mnist", recursive=True)  # a second build must not need the remote
+    _, again, _ = build_datasets(spec)
+    assert torch.equal(stack(test)[0], stack(again)[0])
+    with pytest.raises(DataError, match="data.source: nothing at memory://gradyard-test/gone"):
+        build_datasets(spec_for("lenet5", "memory://gradyard-test/gone", "idx",
+                                cache_dir=str(cache)))
+
+
+# ---------------------------------------------------------------- ImageFolder
+
+
+def test_imagefolder_resized_for_tinyvgg(tmp_path):
+    make_imagefolder(tmp_path / "food")
+    train, test, info = build_datasets(spec_for("tinyvgg", str(tmp_path / "food"), "imagefolder"))
+    assert (info.input_shape, info.num_classes, len(train), len(test)) == ((3, 64, 64), 3, 9, 3)
+    x, y = test[2]
+    assert x.shape == (3, 64, 64) and 0 <= x.min() and x.max() <= 1 and int(y) == 2
+
+
+def test_imagefolder_uses_efficientnet_weights_transforms(tmp_path):
+    make_imagefolder(tmp_path / "food")
+    _, test, info = build_datasets(
+        spec_for("efficientnet_b0_transfer", str(tmp_path / "food"), "imagefolder"))
+    assert info.input_shape == (3, 224, 224)
+    reference = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.transforms()
+    with Image.open(tmp_path / "food" / "test" / "sushi" / "0.png") as im:
+        expected = reference(im.convert("RGB"))
+    # Same resize, crop and normalisation; we resize uint8 tensors, torchvision PIL images.
+    assert torch.allclose(test[2][0], expected, atol=0.05)
+
+
+def test_imagefolder_without_test_split_and_missing(tmp_path):
+    make_imagefolder(tmp_path / "food", splits=("train",), per_class=5)
+    train, test, _ = build_datasets(spec_for("tinyvgg", str(tmp_path / "food"), "imagefolder",
+                                             test_fraction=0.2))
+    assert (len(train), len(test)) == (12, 3)
+    with pytest.raises(DataError, match=r"data.source: no images at .*/train/<class>/"):
+        build_datasets(spec_for("tinyvgg", str(tmp_path), "imagefolder"))
+    with pytest.raises(DataError, match="data.source: nothing at /no/such/folder"):
+        build_datasets(spec_for("tinyvgg", "/no/such/folder", "imagefolder"))
+
+
+# ---------------------------------------------------------------- IMDB
+
+
+def test_aclimdb_vocabulary_padding_and_cutting(tmp_path):
+    make_aclimdb(tmp_path)
+    train, test, info = build_datasets(
+        spec_for("lstm_sentiment", str(tmp_path), "aclimdb", max_length=8, vocab_size=16))
+    assert (info.input_shape, info.vocab_size, info.task, len(train)) == ((8,), 16, "binary", 4)
+    tokens, labels = stack(train)
+    assert tokens.dtype == torch.int64 and labels.tolist() == [[0.0], [0.0], [1.0], [1.0]]
+    # boring and great (3 each) lead the vocabulary (ids 2, 3), then the rest alphabetically:
+    # a 4, acting 5, and 6, awful 7, dull 8, ...  Padding (0) goes in front.
+    assert tokens[1].tolist() == [0, 0, 0, 0, 2, 2, 6, 8]  # boring boring and dull
+    tokens, _ = stack(test)
+    assert tokens[2].tolist() == [0, 0, 0, 0, 0, 0, 3, 1]  # great zebra (unknown: 1)
+    assert tokens[3].tolist() == [4, 4, 4, 4, 4, 4, 4, 3]  # cut to its last 8 tokens
+    _, _, again = build_datasets(
+        spec_for("lstm_sentiment", str(tmp_path / "aclImdb"), "aclimdb", max_length=8))
+    assert again.train_size == 4
+    with pytest.raises(DataError, match="data.source: no aclImdb reviews at"):
+        build_datasets(spec_for("lstm_sentiment", str(tmp_path / "aclImdb" / "train"), "aclimdb"))
+
+
+# ---------------------------------------------------------------- tables
+
+
+def test_mammographic_imputes_and_standardises(tmp_path):
+    (tmp_path / "mammographic_masses.data").write_text(MAMMO)
+    spec = spec_for("mlp", str(tmp_path), "mammographic", test_fraction=0.25)
+    train, test, info = build_datasets(spec)
+    assert (info.input_shape, info.task, len(train), len(test)) == ((4,), "binary", 15, 5)
+    xtr, ytr = stack(train)
+    xte, _ = stack(test)
+    assert not torch.isnan(xtr).any() and not torch.isnan(xte).any()
+    assert torch.allclose(xtr.mean(0), torch.zeros(4), atol=1e-5)
+    assert ytr.dtype == torch.float32 and ytr.shape == (15, 1)
+    again, _, _ = build_datasets(spec)
+    assert torch.equal(xtr, stack(again)[0])
+    other, _, _ = build_datasets(spec_for("mlp", str(tmp_path / "mammographic_masses.data"),
+                                          "mammographic", test_fraction=0.25, seed=1))
+    assert not torch.equal(xtr, stack(other)[0])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="data.source: no mammographic_masses.data at"):
+        build_datasets(spec_for("mlp", str(tmp_path / "empty"), "mammographic"))
+    with pytest.raises(DataError, match="data.source: nothing at .*elsewhere.data"):
+        build_datasets(spec_for("mlp", str(tmp_path / "elsewhere.data"), "mammographic"))
+
+
+def test_csv_targets(tmp_path):
+    rows = ["a,b,label"] + [f"{i},{(i * 7) % 5 if i % 4 else '?'},{'yes' if i % 2 else 'no'}"
+                            for i in range(20)]
+    (tmp_path / "t.csv").write_text("\n".join(rows))
+    train, test, info = build_datasets(spec_for("mlp", str(tmp_path / "t.csv"), "csv"))
+    assert (info.input_shape, info.task, len(train) + len(test)) == ((2,), "binary", 20)
+    assert not torch.isnan(stack(train)[0]).any()
+    rows = ["x,y"] + [f"{i},{i * 0.5 + 0.1}" for i in range(20)]
+    (tmp_path / "r.csv").write_text("\n".join(rows))
+    _, _, info = build_datasets(spec_for("linear", str(tmp_path / "r.csv"), "csv"))
+    assert info.task == "regression"
+
+
+# ---------------------------------------------------------------- built-in and synthetic
+
+
+def test_builtin_sets_are_deterministic():
+    for arch, source in (("mlp", "circles"), ("mlp", "blobs"), ("lenet5", "digits"),
+                         ("mlp", "breast_cancer")):
+        spec = spec_for(arch, source, num_samples=100)
+        a, b = build_datasets(spec), build_datasets(spec)
+        assert torch.equal(stack(a[0], 20)[0], stack(b[0], 20)[0]), source
+        assert a[2] == b[2]
+    train, test, info = build_datasets(spec_for("lenet5", "digits"))
+    assert (info.input_shape, info.num_classes, len(train) + len(test)) == ((1, 28, 28), 10, 1797)
+    x, _ = test[0]
+    assert 0 <= x.min() and x.max() <= 1 and x.max() > 0.5
+
+
+def nearest_centroid_accuracy(train, test) -> float:
+    xtr, ytr = stack(train)
+    xte, yte = stack(test)
+    xtr, xte = xtr.flatten(1).float(), xte.flatten(1).float()
+    ytr, yte = ytr.reshape(len(ytr), -1)[:, 0].long(), yte.reshape(len(yte), -1)[:, 0].long()
+    classes = ytr.unique()
+    centroids = torch.stack([xtr[ytr == c].mean(0) for c in classes])
+    pred = classes[torch.cdist(xte, centroids).argmin(1)]
+    return (pred == yte).float().mean().item()
+
+
+def bag_of_words(ds, vocab):
+    x, y = stack(ds)
+    counts = torch.zeros(len(x), vocab).scatter_add_(1, x, torch.ones_like(x, dtype=torch.float))
+    counts[:, 0] = 0
+    return list(zip(counts, y))
+
+
+def test_synthetic_has_learnable_signal():
+    train, test, info = build_datasets(spec_for("mlp", "synthetic", num_samples=200))
+    assert info.synthetic and info.input_shape == (2,) and info.task == "binary"
+    assert nearest_centroid_accuracy(train, test) > 0.8
+    train, test, info = build_datasets(spec_for("tinyvgg", "synthetic", num_samples=90))
+    assert info.input_shape == (3, 64, 64) and info.num_classes == 3
+    assert nearest_centroid_accuracy(train, test) > 0.8
+    train, test, info = build_datasets(spec_for("lstm_sentiment", "synthetic", num_samples=100,
+                                                max_length=32, vocab_size=200))
+    assert info.input_shape == (32,) and info.vocab_size == 200
+    assert nearest_centroid_accuracy(bag_of_words(train, 200), bag_of_words(test, 200)) > 0.8
+    train, test, info = build_datasets(spec_for("linear", "synthetic", num_samples=100))
+    assert info.task == "regression" and info.input_shape == (20,)
+    (xtr, ytr), (xte, yte) = stack(train), stack(test)
+    w = torch.linalg.lstsq(xtr, ytr).solution
+    assert ((xte @ w - yte) ** 2).mean() < 0.1 * yte.var()
+
+
+def test_synthetic_follows_image_size_and_loss():
+    _, test, info = build_datasets(spec_for("mlp", "synthetic", image_size=16, num_samples=16))
+    assert info.input_shape == (1, 16, 16) and test[0][0].shape == (1, 16, 16)
+    _, test, info = build_datasets(spec_for("tinyvgg", "synthetic", loss="bce", num_samples=16))
+    assert info.task == "binary" and test[0][1].shape == (1,)
+
+
+@pytest.mark.parametrize("arch, fmt, shape, task, outputs", [
+    ("mlp", "idx", (1, 28, 28), "multiclass", 10),       # mnist-shallow without its files
+    ("mlp", "mammographic", (4,), "binary", 1),
+    ("tinyvgg", "imagefolder", (3, 64, 64), "multiclass", 3),
+    ("alexnet", "imagefolder", (3, 224, 224), "multiclass", 3),
+    ("lstm_sentiment", "aclimdb", (256,), "binary", 1),
+])
+def test_synthetic_keeps_the_shapes_of_the_jobs_format(arch, fmt, shape, task, outputs):
+    _, test, info = build_datasets(spec_for(arch, "synthetic", fmt, num_samples=8))
+    assert (info.input_shape, info.task, info.num_classes) == (shape, task, outputs)
+    assert test[0][0].shape == shape
+
+
+# ---------------------------------------------------------------- augmentation
+
+AUGMENT = [{"name": "flip"}, {"name": "rotation", "degrees": 30},
+           {"name": "color_jitter", "hue": 0.1}, {"name": "trivial_augment_wide"},
+           {"name": "rand_augment"}]
+
+
+def test_augmentation_is_a_function_of_seed_epoch_index():
+    spec = spec_for("tinyvgg", "synthetic", augmentation=AUGMENT, num_samples=16, image_size=32)
+    train, test, _ = build_datasets(spec)
+    assert isinstance(train, Augmented) and isinstance(test, ImageDataset)
+    rng_before = torch.get_rng_state()
+    first = train[3][0]
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's stream is untouched
+    assert torch.equal(first, train[3][0])
+    assert not torch.equal(first, train.base[3][0])  # it was augmented
+    train.set_epoch(1)
+    assert not torch.equal(first, train[3][0])
+    fresh, _, _ = build_datasets(spec)  # e.g. a resumed run
+    assert torch.equal(fresh[3][0], first)
+    # Loader workers don't change what a sample looks like.
+    fresh.set_epoch(1)
+    serial = torch.cat([x for x, _ in DataLoader(fresh, batch_size=4)])
+    parallel = torch.cat([x for x, _ in DataLoader(fresh, batch_size=4, num_workers=2)])
+    assert torch.equal(serial, parallel)
+
+
+def test_augmentation_is_train_only_and_uint8_safe_on_grayscale():
+    spec = spec_for("lenet5", "digits", augmentation=AUGMENT)
+    train, test, _ = build_datasets(spec)
+    plain_train, plain_test, _ = build_datasets(spec_for("lenet5", "digits"))
+    assert torch.equal(stack(test, 5)[0], stack(plain_test, 5)[0])
+    assert not torch.equal(stack(train, 5)[0], stack(plain_train, 5)[0])
+    x, _ = train[0]
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+
+
+def test_augmentation_rejected_for_tabular_and_text(tmp_path):
+    with pytest.raises(DataError, match="augmentation: only image data can be augmented"):
+        build_datasets(spec_for("mlp", "circles", augmentation=[{"name": "flip"}]))
+    with pytest.raises(DataError, match="augmentation: .* gives text data"):
+        build_datasets(spec_for("lstm_sentiment", "synthetic", augmentation=[{"name": "flip"}]))
