@@ -137,6 +137,8 @@ def verify(storage: Storage, info: CheckpointInfo, manifest: dict, deep: bool = 
 def list_checkpoints(storage: Storage, deep: bool = True) -> list[CheckpointInfo]:
     """Every checkpoint under ``<run>/checkpoints``, oldest first, with its status."""
     base = storage.join("checkpoints")
+    # Another process may have written since this filesystem listed (s3fs caches listings).
+    storage.fs.invalidate_cache(base)
     try:
         entries = storage.fs.ls(base, detail=False)
     except FileNotFoundError:

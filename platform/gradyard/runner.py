@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Optional
 
 from gradyard.job import JobError, JobSpec
@@ -80,7 +81,7 @@ def root_cause(exc: BaseException) -> str:
 
 
 def run_job(spec: JobSpec, *, address: Optional[str] = None, storage_url: Optional[str] = None,
-            fresh: bool = False, on_cluster: bool = False) -> dict:
+            fresh: bool = False, on_cluster: bool = False, faults: Optional[dict] = None) -> dict:
     """Train ``spec`` on Ray Train and return the run's summary."""
     import ray
     from ray.train import FailureConfig, RunConfig
@@ -88,6 +89,9 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, storage_url: Option
 
     from gradyard.train import run_worker
 
+    # Ray Train re-routes worker print() through its logger, which also echoes
+    # to stdout: each progress line would show twice.  Propagated to workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     run = prepare_run(spec, storage_url, fresh=fresh)
     preflight_data(spec)
     base = open_storage(storage_url or spec.storage.url, spec.storage.endpoint_url, spec.storage.region)
@@ -98,11 +102,16 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, storage_url: Option
             ray.init(log_to_driver=True)  # inside `ray job submit`: the job's own cluster
         else:
             # An embedded cluster; never attach to whatever this machine ran last.
-            ray.init(address="local", include_dashboard=False, log_to_driver=True)
+            # The dashboard serves Ray's state API, which Ray Train's
+            # placement-group cleaner polls; loopback only.
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                     log_to_driver=True)
     trainer = TorchTrainer(
         run_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "storage": run.spec(),
-                           "launcher": "ray"},
+                           "launcher": "ray",
+                           # Test-only fault injection (see gradyard.testing.faults).
+                           "faults": faults or json.loads(os.environ.get("GRADYARD_FAULTS", "null"))},
         scaling_config=scaling_config(spec),
         run_config=RunConfig(
             name=spec.name,

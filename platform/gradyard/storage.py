@@ -102,9 +102,12 @@ def open_storage(url: str, endpoint_url: Optional[str] = None, region: Optional[
             client_kwargs["region_name"] = region
         # skip_instance_cache: a fresh client per Storage, so a changed
         # endpoint or environment is honoured; credentials come from the AWS chain.
+        # Retries are gradyard's (with_retries, with backoff and a budget per
+        # checkpoint); stacked retry loops in s3fs and botocore would multiply it.
         fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True,
-                               config_kwargs={"retries": {"max_attempts": 3, "mode": "standard"},
+                               config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"},
                                               "connect_timeout": 5, "read_timeout": 30})
+        fs.retries = 1
         path = url.split("://", 1)[1].rstrip("/")
         return Storage(fs, path, url.rstrip("/"), endpoint, region)
     if protocol == "file":
@@ -146,11 +149,8 @@ def check_storage(storage: Storage) -> None:
         where += f" (endpoint {redact(storage.endpoint_url)})"
     marker = storage.join(f".gradyard-write-check-{uuid.uuid4().hex[:8]}")
     try:
-        if not storage.is_local:
-            bucket = storage.root_path.split("/", 1)[0]
-            if not storage.fs.exists(bucket):
-                raise StorageError(f"{where}: bucket {bucket!r} does not exist or is not visible "
-                                   "with these credentials")
+        if not storage.is_local and "s3" in storage.fs.protocol:
+            _head_bucket(storage, where)
         storage.fs.makedirs(storage.root_path, exist_ok=True)
         with storage.fs.open(marker, "wb") as f:
             f.write(b"gradyard")
@@ -166,6 +166,26 @@ def check_storage(storage: Storage) -> None:
         if "NoSuchBucket" in reason:
             raise StorageError(f"{where}: bucket does not exist ({reason})") from None
         raise StorageError(f"{where}: storage is not reachable or not writable ({reason})") from None
+
+
+def _head_bucket(storage: Storage, where: str) -> None:
+    """HEAD the bucket: tells an unreachable endpoint, a missing bucket and a denial apart.
+
+    (``s3fs.exists`` answers False to all three.)
+    """
+    from fsspec.asyn import sync
+
+    fs = storage.fs
+    bucket = storage.root_path.split("/", 1)[0]
+    try:
+        sync(fs.loop, fs._call_s3, "head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise StorageError(f"{where}: bucket {bucket!r} does not exist") from None
+    except PermissionError:
+        raise StorageError(f"{where}: no permission to use bucket {bucket!r}") from None
+    except Exception as exc:  # noqa: BLE001 - connection errors come in many types
+        reason = redact(str(exc)).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise StorageError(f"{where}: storage is not reachable ({reason})") from None
 
 
 def with_retries(fn, *, what: str, attempts: int = 6, base_delay: float = 0.25,

@@ -31,7 +31,7 @@ from gradyard.callbacks import CheckpointCallback, ProgressCallback
 from gradyard.checkpoint import load_checkpoint, newest_complete, tensor_digest
 from gradyard.events import Callback, Event
 from gradyard.job import JobSpec
-from gradyard.storage import Storage, storage_from_spec
+from gradyard.storage import Storage, storage_from_spec, with_retries
 from gradyard.trainer import DistInfo, Trainer, set_rng_state
 
 log = logging.getLogger("gradyard")
@@ -70,16 +70,24 @@ def _gather(obj, world_size: int) -> list:
 
 
 def _read_json(storage: Storage, name: str) -> dict | None:
-    try:
+    def get():
         with storage.fs.open(storage.join(name), "rb") as f:
             return json.loads(f.read())
+
+    try:
+        return with_retries(get, what=f"read {name}", attempts=8, log=log.warning)
     except FileNotFoundError:
         return None
 
 
 def _write_json(storage: Storage, name: str, data: dict) -> None:
-    with storage.fs.open(storage.join(name), "wb") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True).encode())
+    blob = json.dumps(data, indent=2, sort_keys=True).encode()
+
+    def put():
+        with storage.fs.open(storage.join(name), "wb") as f:
+            f.write(blob)
+
+    with_retries(put, what=f"write {name}", attempts=8, log=log.warning)
 
 
 def _record_attempt(storage: Storage) -> dict:
@@ -105,8 +113,13 @@ class RayReportCallback(Callback):
                               if isinstance(v, (int, float))})
 
 
-def build_callbacks(spec: JobSpec, storage: Storage, info: DistInfo, launcher: str) -> list[Callback]:
+def build_callbacks(spec: JobSpec, storage: Storage, info: DistInfo, launcher: str,
+                    faults: dict | None = None) -> list[Callback]:
     cbs: list[Callback] = [ProgressCallback(), CheckpointCallback(storage, spec, info.rank)]
+    if faults:  # tests and benchmarks only
+        from gradyard.testing.faults import build_fault_callbacks
+
+        cbs.extend(build_fault_callbacks(faults))
     if spec.telemetry.enabled:
         try:
             from gradyard.telemetry import build_telemetry_callbacks
@@ -147,15 +160,21 @@ def _resume(trainer: Trainer, storage: Storage) -> int | None:
 
 def run_worker(config: dict) -> dict:
     """Body of every training worker; ``config`` is plain data (spec, storage, launcher)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     t_start = time.time()
     launcher = config.get("launcher", "torchrun")
+    if launcher == "ray":
+        # Ray Train's worker logging already prints the root logger; adding
+        # a handler here would print every line twice.
+        logging.getLogger("gradyard").setLevel(logging.INFO)
+    else:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
     spec = JobSpec.model_validate(config["spec"])
     storage = storage_from_spec(config["storage"])
     info = _dist_info(launcher)
     attempt = _record_attempt(storage) if info.rank == 0 else None
     attempt = _broadcast(attempt, info.rank, info.world_size)
-    callbacks = build_callbacks(spec, storage, info, launcher)
+    callbacks = build_callbacks(spec, storage, info, launcher, config.get("faults"))
     trainer = Trainer(spec, storage, info, attempt["run_id"], callbacks)
     trainer.state.restarts = attempt["starts"] - 1
     resumed_from = _resume(trainer, storage)

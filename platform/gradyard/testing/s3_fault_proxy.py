@@ -3,7 +3,9 @@
 Modes, switchable while it runs:
 - ``fail_rate``: share of requests answered with HTTP 500/503 or a dropped
   connection (``fail_kinds`` picks among ``"500"``, ``"503"``, ``"drop"``);
-- ``outage``: every request is refused (connection closed) until cleared.
+- ``outage``: every request is refused (connection closed) until cleared;
+- ``deny_writes``: writes (PUT, POST, DELETE) get 403 AccessDenied, as with
+  read-only credentials.
 
 Counters (``requests``, ``failed``, ``forwarded``) let tests check that faults
 really happened.  Binds to 127.0.0.1 only.
@@ -28,6 +30,7 @@ class FaultProxy:
         self.fail_rate = fail_rate
         self.fail_kinds = tuple(fail_kinds)
         self.outage = False
+        self.deny_writes = False
         self.requests = self.failed = self.forwarded = 0
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -55,15 +58,15 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
-                verdict = proxy._decide()
+                verdict = proxy._decide(self.command)
                 if verdict == "drop":
                     self.close_connection = True
                     self.connection.close()
                     return
-                if verdict in ("500", "503"):
+                if verdict in ("500", "503", "403"):
                     code = int(verdict)
-                    msg = (b"<?xml version=\"1.0\"?><Error><Code>"
-                           + (b"InternalError" if code == 500 else b"SlowDown")
+                    err = {500: b"InternalError", 503: b"SlowDown", 403: b"AccessDenied"}[code]
+                    msg = (b"<?xml version=\"1.0\"?><Error><Code>" + err
                            + b"</Code><Message>injected fault</Message></Error>")
                     self.send_response(code)
                     self.send_header("Content-Type", "application/xml")
@@ -85,9 +88,11 @@ class FaultProxy:
                     proxy.forwarded += 1
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
-                    if k.lower() not in _HOP and k.lower() != "content-length":
+                    # HEAD answers carry the object's length with no body: pass it on.
+                    if k.lower() not in _HOP and (k.lower() != "content-length" or self.command == "HEAD"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -103,9 +108,12 @@ class FaultProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _decide(self) -> str:
+    def _decide(self, method: str) -> str:
         with self._lock:
             self.requests += 1
+            if self.deny_writes and method in ("PUT", "POST", "DELETE"):
+                self.failed += 1
+                return "403"
             if self.outage:
                 self.failed += 1
                 return "drop"
