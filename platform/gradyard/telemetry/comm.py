@@ -1,0 +1,219 @@
+"""Gradient-synchronisation timing: how long DDP's allreduce takes and how much of it hides behind backward.
+
+Decision: a DDP communication hook, not DDP's logging data.
+``ddp_model._get_ddp_logging_data()`` has an average communication time, but
+only for the iterations DDP samples (and it is a private API); it says nothing
+per bucket, nothing per step and nothing about overlap.  A comm hook sees every
+bucket of every step: it marks when the bucket is ready (its gradients are
+computed) and, in the allreduce future's ``.then`` callback, when the
+allreduce has completed.  On CUDA both marks are CUDA events (the callback
+runs with a current stream that waits for the NCCL kernel), so the hook adds
+no CPU-GPU sync.  The cost is one Python call per bucket per step.
+
+The hook is the default allreduce hook plus the marks: the bucket buffer is
+divided by the world size first (as ``default_hooks.allreduce_hook`` does, to
+avoid fp16 overflow) and summed with ``dist.all_reduce``.
+
+Per step (see :func:`comm_stats`): allreduce seconds are the union of the
+bucket intervals [ready, done]; bytes are the bucket buffers' bytes (equal to
+the model's gradient bytes); algbw = bytes / seconds and busbw = algbw *
+2(n-1)/n as nccl-tests define them for allreduce; the overlap ratio is the
+share of the union that lies before backward compute ended (the last bucket
+became ready); the rest is *exposed* communication, which the step timer
+reports as phase ``comm_exposed`` instead of ``backward``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from gradyard.events import Callback, Event
+from gradyard.telemetry.clock import clock_for
+from gradyard.telemetry.metrics import TelemetryMetrics, identity_labels
+
+log = logging.getLogger(__name__)
+
+
+def gradient_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the gradients DDP allreduces: every parameter that requires grad."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def bus_bandwidth(algbw: float, world_size: int) -> float:
+    """nccl-tests bus bandwidth of an allreduce: algbw * 2(n-1)/n."""
+    return algbw * 2.0 * (world_size - 1) / world_size
+
+
+def union_seconds(intervals: list[tuple[float, float]], lo: float = float("-inf"),
+                  hi: float = float("inf")) -> float:
+    """Length of the union of ``intervals`` clipped to [lo, hi]."""
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted((max(s, lo), min(e, hi)) for s, e in intervals):
+        if end <= start:
+            continue
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
+@dataclass
+class _Bucket:
+    index: int
+    nbytes: int
+    ready: Any
+    done: Any = None
+
+
+@dataclass
+class CommRecord:
+    """The buckets one step allreduced, with their unresolved time marks."""
+
+    buckets: list[_Bucket] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CommStats:
+    seconds: float
+    """Union of the bucket intervals."""
+    bytes: int
+    bucket_seconds: dict[int, float]
+    """Per bucket index, time it occupied the link (not counting its wait behind the previous bucket)."""
+    overlap_ratio: float
+    exposed_seconds: float
+    """Allreduce time after backward compute ended: the step waited for it."""
+    algbw: float
+    busbw: float
+
+
+def comm_stats(intervals: dict[int, tuple[float, float, int]], world_size: int) -> CommStats:
+    """Stats of one step from {bucket: (ready_s, done_s, bytes)}, times on any common origin."""
+    spans = [(r, d) for r, d, _ in intervals.values()]
+    seconds = union_seconds(spans)
+    compute_end = max(r for r, _ in spans)
+    exposed = union_seconds(spans, lo=compute_end)
+    nbytes = sum(b for _, _, b in intervals.values())
+    # Collectives on one process group run one after another, so a bucket's own
+    # time starts when it is ready *and* the previous one is done.
+    per_bucket, link_free = {}, float("-inf")
+    for idx, (ready, done, _) in sorted(intervals.items(), key=lambda kv: kv[1][0]):
+        per_bucket[idx] = max(0.0, done - max(ready, link_free))
+        link_free = max(link_free, done)
+    algbw = nbytes / seconds if seconds > 0 else 0.0
+    return CommStats(
+        seconds=seconds, bytes=nbytes, bucket_seconds=per_bucket,
+        overlap_ratio=(seconds - exposed) / seconds if seconds > 0 else 0.0,
+        exposed_seconds=exposed, algbw=algbw, busbw=bus_bandwidth(algbw, world_size),
+    )
+
+
+class GradSyncMonitor(Callback):
+    """Registers the timing allreduce hook at FIT_START; the step timer collects and resolves its records.
+
+    Only a ``DistributedDataParallel`` model is hooked; with one worker there
+    is no gradient sync and the allreduce series stay absent.
+    """
+
+    name = "grad_sync"
+
+    def __init__(self, metrics: TelemetryMetrics):
+        self.metrics = metrics
+        self.active = False
+        self.expected_bytes: Optional[int] = None
+        self._world_size = 1
+        self._clock = None
+        self._current = CommRecord()
+        self._warned = False
+
+    def on_event(self, event: Event, state: Any) -> None:
+        if event is Event.FIT_START:
+            self._start(state)
+
+    def _start(self, state: Any) -> None:
+        self.metrics.bind(identity_labels(state))
+        self._world_size = int(state.world_size)
+        self.metrics.child(self.metrics.world_size).set(self._world_size)
+        ddp = state.ddp_model
+        if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel) or self.active:
+            return
+        self._clock = clock_for(state.device)
+        self.expected_bytes = gradient_bytes(state.model)
+        try:
+            ddp.register_comm_hook(ddp.process_group, self._hook)
+        except RuntimeError as exc:  # another hook is registered already (e.g. compression)
+            log.warning("gradient-sync telemetry off: cannot register the DDP comm hook (%s)", exc)
+            return
+        self.active = True
+
+    # No annotations: DDP inspects them, and under `from __future__ import
+    # annotations` they are strings it rejects.
+    def _hook(self, process_group, bucket):
+        clock = self._clock
+        buffer = bucket.buffer()
+        record = _Bucket(bucket.index(), buffer.numel() * buffer.element_size(), clock.mark())
+        self._current.buckets.append(record)
+        group = process_group if process_group is not None else dist.group.WORLD
+        buffer.div_(group.size())
+        fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+
+        def done(f: torch.futures.Future) -> torch.Tensor:
+            # Runs when the allreduce completes (gloo: in its worker thread; NCCL:
+            # with a current stream that waits for the kernel, so this mark is
+            # GPU-side completion).
+            record.done = clock.mark()
+            return f.value()[0]
+
+        return fut.then(done)
+
+    # -------------------------------------------------- driven by StepTimer
+
+    def take_step(self) -> Optional[CommRecord]:
+        """The buckets of the step that just ended (None when it synced nothing)."""
+        record, self._current = self._current, CommRecord()
+        return record if record.buckets else None
+
+    def ready(self, record: CommRecord) -> bool:
+        return all(b.done is not None and self._clock.ready(b.done) for b in record.buckets)
+
+    def wait(self, record: CommRecord) -> None:
+        for b in record.buckets:
+            if b.done is not None:
+                self._clock.wait(b.done)
+
+    def finish(self, record: CommRecord) -> Optional[CommStats]:
+        """Resolve a step's marks into stats and export them."""
+        buckets = [b for b in record.buckets if b.done is not None]
+        if not buckets:
+            return None
+        clock, origin = self._clock, buckets[0].ready
+        intervals = {
+            b.index: (clock.seconds(origin, b.ready), clock.seconds(origin, b.done), b.nbytes)
+            for b in buckets
+        }
+        clock.release([m for b in record.buckets for m in (b.ready, b.done) if m is not None])
+        stats = comm_stats(intervals, self._world_size)
+        if self.expected_bytes is not None and stats.bytes != self.expected_bytes and not self._warned:
+            self._warned = True
+            log.warning("allreduced %d bytes in a step, the model has %d gradient bytes",
+                        stats.bytes, self.expected_bytes)
+        m = self.metrics
+        m.child(m.allreduce_seconds).inc(stats.seconds)
+        m.child(m.allreduce_bytes).inc(stats.bytes)
+        m.child(m.allreduce_step_bytes).set(stats.bytes)
+        for idx, secs in stats.bucket_seconds.items():
+            m.child(m.allreduce_bucket_seconds, bucket=str(idx)).inc(secs)
+        if stats.seconds > 0:
+            m.child(m.algbw).set(stats.algbw)
+            m.child(m.busbw).set(stats.busbw)
+            m.child(m.overlap).set(stats.overlap_ratio)
+        return stats

@@ -1,0 +1,154 @@
+"""Serve each worker's metrics over HTTP and tell Prometheus where they are.
+
+Decision: ``prometheus_client`` in every worker, with gradyard's own
+file-based discovery - not Ray's ``ray.util.metrics``.  Ray's path sends
+metrics through the per-node metrics agent and only exists inside a Ray
+worker; gradyard's telemetry must work the same in a plain ``torchrun``
+process, and one code path is easier to trust than two.  It also keeps
+histograms, label sets and metric names exactly as written here (Ray prefixes
+names with ``ray_`` and adds its own labels).
+
+Each worker serves its private registry with ``start_http_server`` on
+``telemetry.port`` + local_rank, or on a free port when that is 0 (several
+workers on one node never clash).  The bind address is
+``GRADYARD_METRICS_HOST``, else the node IP Ray reports when Ray is running
+in this process, else 127.0.0.1.
+
+Discovery: rank 0 gathers every rank's ``host:port`` and labels
+(``all_gather_object`` when torch.distributed is initialised) and writes a
+Prometheus ``file_sd_configs`` file, ``<job>-<run>.json``, atomically into
+``GRADYARD_PROMETHEUS_SD_DIR`` (default /tmp/gradyard/prometheus_sd); it
+removes the file at close.  The directory must be the one Prometheus reads
+(deploy/prometheus/prometheus.yml): on a multi-node cluster rank 0 may not
+run on the Prometheus node, so either share that directory or let the
+driver write :attr:`PrometheusExporter.targets` there with
+:func:`write_file_sd`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import torch.distributed as dist
+from prometheus_client import start_http_server
+
+from gradyard.events import Callback, Event
+from gradyard.telemetry.metrics import TelemetryMetrics, identity_labels
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SD_DIR = "/tmp/gradyard/prometheus_sd"
+
+
+def metrics_host() -> str:
+    """Address to bind and advertise: GRADYARD_METRICS_HOST, Ray's node IP, or loopback."""
+    host = os.environ.get("GRADYARD_METRICS_HOST")
+    if host:
+        return host
+    ray = sys.modules.get("ray")  # never import Ray just to ask: a torchrun worker has none
+    if ray is not None and ray.is_initialized():
+        return ray.util.get_node_ip_address()
+    return "127.0.0.1"
+
+
+def sd_dir() -> Path:
+    return Path(os.environ.get("GRADYARD_PROMETHEUS_SD_DIR") or DEFAULT_SD_DIR)
+
+
+def write_file_sd(path: Path, groups: list[dict[str, Any]]) -> None:
+    """Write a file_sd JSON atomically: Prometheus never reads half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(groups, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _target(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class PrometheusExporter(Callback):
+    """Starts the worker's metrics server and registers it for discovery at FIT_START."""
+
+    name = "prometheus_exporter"
+
+    def __init__(self, metrics: TelemetryMetrics, *, port: int = 0, host: Optional[str] = None,
+                 sd_directory: Optional[Path] = None):
+        self.metrics = metrics
+        self.base_port = port
+        self.host = host
+        self.sd_directory = Path(sd_directory) if sd_directory is not None else None
+        self.port: Optional[int] = None
+        self.targets: list[dict[str, Any]] = []
+        """The file_sd groups of all ranks (on rank 0; this rank's own group elsewhere)."""
+        self.sd_path: Optional[Path] = None
+        self._server = None
+        self._thread: Optional[threading.Thread] = None
+
+    def on_event(self, event: Event, state: Any) -> None:
+        if event is Event.FIT_START and self._server is None:
+            self.metrics.bind(identity_labels(state))
+            self.start(local_rank=int(getattr(state, "local_rank", 0) or 0))
+            self.register(rank=int(state.rank), job=str(state.spec.name), run=str(state.run_id))
+
+    def start(self, local_rank: int = 0) -> tuple[str, int]:
+        """Serve the registry; returns (host, port)."""
+        host = self.host or metrics_host()
+        port = self.base_port + local_rank if self.base_port > 0 else 0
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.metrics.registry)
+        except OSError as exc:
+            if port == 0:
+                raise
+            # A taken fixed port must not stop training; discovery carries the real one.
+            log.warning("metrics port %d on %s unavailable (%s); using a free port", port, host, exc)
+            self._server, self._thread = start_http_server(0, addr=host, registry=self.metrics.registry)
+        self.host, self.port = host, self._server.server_port
+        log.info("serving metrics on http://%s/metrics", _target(self.host, self.port))
+        return self.host, self.port
+
+    def register(self, *, rank: int, job: str, run: str) -> list[dict[str, Any]]:
+        """Gather every rank's target; rank 0 writes the file_sd file. Collective when distributed."""
+        ident = self.metrics.identity or {}
+        mine = {
+            "targets": [_target(self.host, self.port)],
+            # The exporter's labels, repeated on the target so `up` carries them too.
+            "labels": {"job": job, "run": run, "rank": str(rank), "node": ident.get("node", "")},
+        }
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # On NCCL this runs on the current CUDA device, which the trainer
+            # sets (torch.cuda.set_device) before FIT_START.
+            groups: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(groups, mine)
+        else:
+            groups = [mine]
+        self.targets = groups if rank == 0 else [mine]
+        if rank == 0:
+            self.sd_path = (self.sd_directory or sd_dir()) / f"{job}-{run}.json"
+            write_file_sd(self.sd_path, groups)
+        return self.targets
+
+    def close(self) -> None:
+        if self.sd_path is not None:
+            try:
+                self.sd_path.unlink()
+            except FileNotFoundError:
+                pass
+            self.sd_path = None
+        if self._server is not None:
+            self._server.shutdown()  # stops serve_forever; returns within its 0.5 s poll
+            self._server.server_close()
+            self._thread.join(timeout=5)
+            self._server = self._thread = None

@@ -1,0 +1,177 @@
+"""Every gradyard metric, on one private registry per worker.
+
+Names follow Prometheus conventions: base units (seconds, bytes, ratios),
+``_total`` for counters, prefix ``gradyard_``.  Every series carries the
+worker's identity labels (:data:`IDENTITY_LABELS`).  Time is exported as
+counters that PromQL can ``rate()`` (seconds per second of wall time is the
+share of time, divided by the step rate it is seconds per step); gauges hold
+values that are only meaningful as "the latest".
+
+A series that cannot be measured is *absent*, never zero: the labelled
+children of a metric only appear once a value is set.  The GPU readings taken
+at scrape time (memory, NVML) live in :mod:`gradyard.telemetry.resources`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+IDENTITY_LABELS = ("job", "run", "rank", "node", "device")
+"""Labels on every gradyard series: job name, run id, global rank, node, torch device."""
+
+PHASES = ("data", "forward", "backward", "optimizer", "comm_exposed")
+"""Step phases; they partition the step time (see :mod:`gradyard.telemetry.timing`)."""
+
+# Checkpoint stalls range from milliseconds (async snapshot) to minutes (a
+# blocking upload of a large model).
+_CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+def identity_labels(state: Any) -> dict[str, str]:
+    """The identity labels of the worker that ``state`` (a TrainState) describes."""
+    return {
+        "job": str(state.spec.name),
+        "run": str(state.run_id),
+        "rank": str(state.rank),
+        "node": str(state.node),
+        "device": str(state.device),
+    }
+
+
+class TelemetryMetrics:
+    """The metric objects of one worker; callbacks write to them, the exporter serves them.
+
+    Identity labels are bound once (:meth:`bind`) when the worker knows who it
+    is (at FIT_START); :meth:`child` then returns the labelled series.
+    """
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.identity: Optional[dict[str, str]] = None
+        self._regime: Optional[str] = None
+        self._evidence_keys: list[str] = []
+        r, L = self.registry, IDENTITY_LABELS
+
+        # -- step time (timing.py); measured-FLOP steps are left out of these
+        self.steps = Counter("gradyard_steps_total", "Optimizer steps completed.", L, registry=r)
+        self.samples = Counter("gradyard_samples_total", "Training samples processed on this rank.", L, registry=r)
+        self.timed_steps = Counter(
+            "gradyard_timed_steps_total",
+            "Steps whose time is in gradyard_step_seconds_total (steps with FLOP counting are left out).",
+            L, registry=r)
+        self.step_seconds = Counter(
+            "gradyard_step_seconds_total", "Step time, BEFORE_DATA to BATCH_END, summed over timed steps.",
+            L, registry=r)
+        self.phase_seconds = Counter(
+            "gradyard_step_phase_seconds_total",
+            "Step time by phase (data, forward, backward, optimizer, comm_exposed) over timed steps.",
+            L + ("phase",), registry=r)
+
+        # -- gradient synchronisation (comm.py)
+        self.allreduce_seconds = Counter(
+            "gradyard_allreduce_seconds_total",
+            "Gradient allreduce time per step (union of bucket intervals), summed.", L, registry=r)
+        self.allreduce_bucket_seconds = Counter(
+            "gradyard_allreduce_bucket_seconds_total",
+            "Gradient allreduce time by DDP bucket index.", L + ("bucket",), registry=r)
+        self.allreduce_bytes = Counter(
+            "gradyard_allreduce_bytes_total", "Gradient bytes allreduced (DDP bucket buffers).", L, registry=r)
+        self.allreduce_step_bytes = Gauge(
+            "gradyard_allreduce_step_bytes", "Gradient bytes allreduced in the latest step.", L, registry=r)
+        self.algbw = Gauge(
+            "gradyard_allreduce_algbw_bytes_per_second",
+            "Algorithm bandwidth of the latest step: bytes / allreduce time (nccl-tests definition).",
+            L, registry=r)
+        self.busbw = Gauge(
+            "gradyard_allreduce_busbw_bytes_per_second",
+            "Bus bandwidth of the latest step: algbw * 2(n-1)/n (nccl-tests definition for allreduce).",
+            L, registry=r)
+        self.overlap = Gauge(
+            "gradyard_allreduce_overlap_ratio",
+            "Share of the latest step's allreduce time hidden behind backward compute.", L, registry=r)
+        self.world_size = Gauge("gradyard_world_size", "Number of DDP ranks.", L, registry=r)
+
+        # -- FLOPs and MFU (flops.py)
+        self.step_flops = Gauge(
+            "gradyard_step_flops", "FLOPs of one step (forward + backward) on this rank, last measured.",
+            L, registry=r)
+        self.achieved_flops = Gauge(
+            "gradyard_achieved_flops_per_second",
+            "Step FLOPs over the mean step time of recent timed steps.", L, registry=r)
+        self.peak_flops = Gauge(
+            "gradyard_peak_flops_per_second",
+            "Dense peak FLOP/s of this device at the training precision (absent when unknown).",
+            L, registry=r)
+        self.mfu = Gauge(
+            "gradyard_mfu_ratio", "Model FLOPs utilization: achieved over peak FLOP/s (absent when the peak is unknown).",
+            L, registry=r)
+
+        # -- training progress (progress.py)
+        self.loss = Gauge("gradyard_loss", "Training loss of a recent step on this rank.", L, registry=r)
+        self.checkpoint_blocked = Histogram(
+            "gradyard_checkpoint_blocked_seconds",
+            "Time training was blocked by each checkpoint save (or failed save).",
+            L, buckets=_CHECKPOINT_BUCKETS, registry=r)
+        self.checkpoint_last_blocked = Gauge(
+            "gradyard_checkpoint_last_blocked_seconds",
+            "Time training was blocked by the latest checkpoint.", L, registry=r)
+        self.checkpoints = Counter("gradyard_checkpoints_total", "Checkpoints saved by this rank.", L, registry=r)
+        self.checkpoint_failures = Counter(
+            "gradyard_checkpoint_failures_total", "Checkpoint saves that failed.", L, registry=r)
+        self.restarts = Counter(
+            "gradyard_restarts_total", "Worker-group restarts before this process started.", L, registry=r)
+
+        # -- analysis hook (set_regime)
+        self.regime = Gauge(
+            "gradyard_regime_info", "1 for the performance regime the analysis assigns to this worker.",
+            L + ("regime",), registry=r)
+        self.regime_evidence = Gauge(
+            "gradyard_regime_evidence", "Numeric evidence behind the current regime.",
+            L + ("regime", "key"), registry=r)
+
+    # ------------------------------------------------------------ identity
+
+    def bind(self, identity: Mapping[str, str]) -> None:
+        """Fix the identity labels; the first call wins (several callbacks call it at FIT_START)."""
+        if self.identity is None:
+            missing = set(IDENTITY_LABELS) - set(identity)
+            if missing:
+                raise ValueError(f"identity labels missing: {sorted(missing)}")
+            self.identity = {k: str(identity[k]) for k in IDENTITY_LABELS}
+
+    def child(self, metric, **extra: str):
+        """The series of ``metric`` for this worker (plus any extra labels)."""
+        if self.identity is None:
+            raise RuntimeError("TelemetryMetrics.bind() has not been called (FIT_START not seen)")
+        return metric.labels(**self.identity, **extra)
+
+    # ------------------------------------------------------------ analysis
+
+    def set_regime(self, regime: str, evidence: Optional[Mapping[str, Any]] = None) -> None:
+        """Mark ``regime`` as current (value 1) and export its numeric evidence.
+
+        Called by the analysis module; the previous regime's series are removed,
+        so exactly one ``gradyard_regime_info`` series is 1 at a time.
+        """
+        ident = [self.identity[k] for k in IDENTITY_LABELS] if self.identity else None
+        if ident is None:
+            raise RuntimeError("TelemetryMetrics.bind() has not been called (FIT_START not seen)")
+        if self._regime is not None:
+            self.regime.remove(*ident, self._regime)
+            for key in self._evidence_keys:
+                self.regime_evidence.remove(*ident, self._regime, key)
+        self._regime, self._evidence_keys = regime, []
+        self.regime.labels(*ident, regime).set(1)
+        for key, value in (evidence or {}).items():
+            # Only numbers make sense as a sample value; text evidence stays in logs.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            self.regime_evidence.labels(*ident, regime, str(key)).set(float(value))
+            self._evidence_keys.append(str(key))
+
+    @property
+    def current_regime(self) -> Optional[str]:
+        return self._regime

@@ -1,0 +1,113 @@
+"""Training progress: steps, samples, loss, checkpoint stalls and failures, restarts.
+
+The loss is read without a CPU-GPU sync: at BATCH_END it is copied into
+pinned host memory with ``non_blocking=True`` and an event is recorded; a
+later BATCH_END reads the host copy once the event has completed.  (A plain
+``loss.item()`` would wait for every kernel queued so far.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from gradyard.events import Callback, Event
+from gradyard.telemetry.metrics import TelemetryMetrics, identity_labels
+
+
+class _LossReader:
+    """Latest loss value, one step late on CUDA, never forcing a sync."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.value: Optional[float] = None
+        if self.cuda:
+            self._host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            self._event = torch.cuda.Event()
+            self._busy = False
+
+    def push(self, loss: Optional[torch.Tensor]) -> None:
+        self.poll()
+        if loss is None:
+            return
+        if not self.cuda:
+            self.value = float(loss.detach())
+        elif not self._busy:  # a copy still in flight: skip this step's loss
+            self._host.copy_(loss.detach().float().reshape(()), non_blocking=True)
+            self._event.record()
+            self._busy = True
+
+    def poll(self, wait: bool = False) -> None:
+        if self.cuda and self._busy and (wait or self._event.query()):
+            if wait:
+                self._event.synchronize()  # CPU-GPU sync point: only at the end of training
+            self.value, self._busy = float(self._host), False
+
+
+class ProgressMonitor(Callback):
+    name = "progress_monitor"
+
+    def __init__(self, metrics: TelemetryMetrics):
+        self.metrics = metrics
+        self._loss: Optional[_LossReader] = None
+        self._seen_saves = 0
+        self._seen_failures = 0
+
+    def on_event(self, event: Event, state: Any) -> None:
+        m = self.metrics
+        if event is Event.BATCH_END:
+            m.child(m.steps).inc()
+            m.child(m.samples).inc(int(state.batch_size))
+            self._loss.push(getattr(state, "loss", None))
+            self._export_loss()
+            self._checkpoints(state)
+        elif event is Event.CHECKPOINT_SAVED:
+            self._checkpoints(state)
+        elif event is Event.FIT_START:
+            self._start(state)
+        elif event is Event.FIT_END:
+            if self._loss is not None:
+                self._loss.poll(wait=True)
+                self._export_loss()
+            self._checkpoints(state)
+
+    def _start(self, state: Any) -> None:
+        m = self.metrics
+        m.bind(identity_labels(state))
+        self._loss = _LossReader(state.device)
+        # Real zeros, so rate() and increase() work from the first scrape.
+        m.child(m.steps).inc(0)
+        m.child(m.samples).inc(0)
+        m.child(m.checkpoints).inc(0)
+        m.child(m.checkpoint_failures).inc(0)
+        m.child(m.restarts).inc(int(getattr(state, "restarts", 0) or 0))
+        stats = getattr(state, "checkpoint_stats", None) or {}
+        # Counts from before this process (a resumed run) are not this process's.
+        self._seen_saves = int(stats.get("saved_total", 0) or 0)
+        self._seen_failures = int(stats.get("failures_total", 0) or 0)
+
+    def _export_loss(self) -> None:
+        if self._loss is not None and self._loss.value is not None and math.isfinite(self._loss.value):
+            self.metrics.child(self.metrics.loss).set(self._loss.value)
+
+    def _checkpoints(self, state: Any) -> None:
+        stats = getattr(state, "checkpoint_stats", None)
+        if not stats:
+            return
+        m = self.metrics
+        saves = int(stats.get("saved_total", 0) or 0)
+        failures = int(stats.get("failures_total", 0) or 0)
+        new_saves, new_failures = saves - self._seen_saves, failures - self._seen_failures
+        if new_saves <= 0 and new_failures <= 0:
+            return
+        self._seen_saves, self._seen_failures = saves, failures
+        if new_saves > 0:
+            m.child(m.checkpoints).inc(new_saves)
+        if new_failures > 0:
+            m.child(m.checkpoint_failures).inc(new_failures)
+        blocked = stats.get("last_blocked_seconds")
+        if blocked is not None:
+            m.child(m.checkpoint_blocked).observe(float(blocked))
+            m.child(m.checkpoint_last_blocked).set(float(blocked))

@@ -1,0 +1,675 @@
+"""Telemetry: the pieces, a real 2-worker gloo run scraped by a real Prometheus, and the CUDA path.
+
+The integration test's worker (:func:`_worker`) is a tiny hand-written
+training loop that fires the trainer's events in the documented order through
+the telemetry callbacks, on a real DDP model - the path a torchrun worker
+takes.  It also runs under torchrun by itself::
+
+    torchrun --nproc-per-node 2 tests/test_telemetry.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+import yaml
+from gradyard.events import Event
+from gradyard.job import JobSpec
+from gradyard.telemetry import (
+    FlopsMonitor,
+    GradSyncMonitor,
+    PrometheusExporter,
+    StepTimer,
+    TelemetryMetrics,
+    build_telemetry_callbacks,
+    find_metrics,
+    peak_flops,
+)
+from gradyard.telemetry.comm import (
+    bus_bandwidth,
+    comm_stats,
+    gradient_bytes,
+    union_seconds,
+)
+from gradyard.telemetry.flops import PEAK_FLOPS, matmul_precision
+from gradyard.telemetry.nvml import NvmlReader
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "deploy/grafana/dashboards/gpu-efficiency.json"
+PROM_CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
+RULES = ROOT / "deploy/prometheus/rules/gradyard.rules.yml"
+CI = os.environ.get("CI", "").lower() == "true"
+
+# ------------------------------------------------------------------ helpers
+
+
+def make_spec(name: str = "telemetry-test", every: int = 5, precision: str = "fp32") -> JobSpec:
+    return JobSpec.model_validate({
+        "name": name,
+        "model": {"arch": "mlp"},
+        "data": {"source": "synthetic", "batch_size": 16},
+        "schedule": {"steps": 10, "precision": precision},
+        "telemetry": {"measure_flops_every": every},
+    })
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@dataclass
+class State:
+    """The TrainState attributes telemetry reads."""
+
+    spec: Any
+    model: nn.Module
+    ddp_model: nn.Module
+    optimizer: Any
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    node: str = "localhost"
+    run_id: str = "run1"
+    restarts: int = 0
+    epoch: int = 0
+    step: int = 0
+    batch_in_epoch: int = 0
+    inputs: Any = None
+    targets: Any = None
+    batch_size: int = 0
+    loss: Any = None
+    metrics: dict = field(default_factory=dict)
+    checkpoint_stats: dict = field(default_factory=lambda: {
+        "last_blocked_seconds": 0.0, "failures_total": 0, "saved_total": 0})
+    extra_labels: dict = field(default_factory=dict)
+
+
+def make_state(spec, device, rank=0, world_size=1, ddp=False) -> State:
+    torch.manual_seed(0)
+    model = TinyNet().to(device)
+    ddp_model = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        bucket_cap_mb=0.01) if ddp else model  # small buckets: several per step
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    return State(spec=spec, model=model, ddp_model=ddp_model, optimizer=opt, device=device,
+                 rank=rank, world_size=world_size, local_rank=rank, node=socket.gethostname())
+
+
+def train(state: State, callbacks, steps: int, stop=None, data_sleep: float = 0.002,
+          checkpoint_at: Optional[int] = None, on_step=None) -> None:
+    """A training loop that fires the events in the order of gradyard.events."""
+
+    def fire(event):
+        for cb in callbacks:
+            cb.on_event(event, state)
+
+    gen = torch.Generator().manual_seed(state.rank)
+    fire(Event.FIT_START)
+    fire(Event.EPOCH_START)
+    for i in range(steps):
+        if stop is not None and stop.is_set():
+            break
+        state.batch_in_epoch = i
+        fire(Event.BEFORE_DATA)
+        time.sleep(data_sleep)  # the data loader's wait
+        x = torch.randn(16, 32, generator=gen).to(state.device)
+        y = torch.randint(0, 4, (16,), generator=gen).to(state.device)
+        state.inputs, state.targets, state.batch_size = x, y, x.shape[0]
+        fire(Event.AFTER_DATA)
+        fire(Event.BEFORE_FORWARD)
+        state.loss = F.cross_entropy(state.ddp_model(x), y)
+        fire(Event.AFTER_FORWARD)
+        fire(Event.BEFORE_BACKWARD)
+        state.loss.backward()
+        fire(Event.AFTER_BACKWARD)
+        fire(Event.BEFORE_OPTIMIZER)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        fire(Event.AFTER_OPTIMIZER)
+        state.step += 1
+        fire(Event.BATCH_END)
+        if checkpoint_at is not None and state.step == checkpoint_at:
+            t0 = time.perf_counter()
+            time.sleep(0.02)  # a blocking save
+            stats = state.checkpoint_stats
+            stats["last_blocked_seconds"] = time.perf_counter() - t0
+            stats["saved_total"] += 1
+            fire(Event.CHECKPOINT_SAVED)
+        if on_step is not None:
+            on_step(state)
+    fire(Event.EPOCH_END)
+    fire(Event.EVAL_END)
+    fire(Event.FIT_END)
+
+
+def sample(metrics: TelemetryMetrics, name: str, **labels) -> Optional[float]:
+    return metrics.registry.get_sample_value(name, {**metrics.identity, **labels})
+
+
+def phase_sum(metrics: TelemetryMetrics) -> float:
+    return sum(sample(metrics, "gradyard_step_phase_seconds_total", phase=p) or 0.0
+               for p in ("data", "forward", "backward", "optimizer", "comm_exposed"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def close_all(callbacks) -> None:
+    for cb in callbacks:
+        cb.close()
+
+
+# ------------------------------------------------------------------ units
+
+
+def test_union_and_overlap():
+    assert union_seconds([(0, 1), (0.5, 2), (3, 4)]) == pytest.approx(3.0)
+    assert union_seconds([(0, 1), (0.5, 2)], lo=1.5) == pytest.approx(0.5)
+    # Two buckets: one during backward, one that ends 1 s after compute ended (t=3).
+    stats = comm_stats({0: (1.0, 2.0, 100), 1: (3.0, 4.0, 300)}, world_size=4)
+    assert stats.seconds == pytest.approx(2.0)
+    assert stats.bytes == 400
+    assert stats.exposed_seconds == pytest.approx(1.0)
+    assert stats.overlap_ratio == pytest.approx(0.5)
+    assert stats.algbw == pytest.approx(200.0)
+    assert stats.busbw == pytest.approx(200.0 * 2 * 3 / 4)
+    # Serialised buckets: the second waits for the first, its own time is after.
+    stats = comm_stats({0: (0.0, 2.0, 1), 1: (1.0, 3.0, 1)}, world_size=2)
+    assert stats.bucket_seconds == {0: pytest.approx(2.0), 1: pytest.approx(1.0)}
+    assert bus_bandwidth(10.0, 1) == 0.0
+    assert bus_bandwidth(10.0, 8) == pytest.approx(17.5)
+
+
+def test_peak_flops_table_and_profile(monkeypatch):
+    assert peak_flops("cpu", "fp32") is None
+    assert peak_flops("cpu", "fp32", profile={"fp32": 1e11}) == 1e11
+    assert peak_flops("cpu", "tf32", profile={"fp32": 1e11}) is None  # not measured: no peak
+    assert peak_flops("cpu", torch.bfloat16, profile={"fp32": 1e11}) is None
+    calibrated = SimpleNamespace(peak_flops={"float32": 2e11, "bfloat16": 4e11})  # analysis DeviceProfile
+    assert peak_flops("cpu", "bf16", profile=calibrated) == 4e11
+    assert peak_flops("cpu", "fp32", profile=calibrated) == 2e11
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    names = iter(["NVIDIA H100 80GB HBM3", "Tesla V100-SXM2-16GB", "Tesla V100-SXM2-16GB", "Some Future GPU"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
+    assert peak_flops("cuda:0", "bf16") == 989e12
+    assert peak_flops("cuda:0", "tf32") == 15.7e12  # Volta has no TF32: fp32 rate
+    assert peak_flops("cuda:0", "bf16") is None  # nor BF16 tensor cores
+    assert peak_flops("cuda:0", "bf16") is None  # unknown GPU: no guess
+    assert matmul_precision("fp32", "cpu") == "fp32" and matmul_precision("bf16", "cuda:0") == "bf16"
+    for name, row in PEAK_FLOPS.items():
+        assert row["fp32"] > 0 and all(v >= row["fp32"] for v in row.values()), name
+
+
+def test_flop_count_matches_formula():
+    spec = make_spec(every=3)
+    state = make_state(spec, torch.device("cpu"))
+    metrics = TelemetryMetrics()
+    flops = FlopsMonitor(metrics, every=3)
+    measured = []
+    train(state, [flops], steps=7, on_step=lambda s: measured.append(flops.measured_this_step))
+    assert measured == [True, False, False, True, False, False, True]
+    # Linear layers: forward 2*B*in*out; backward 2x that, less the first layer's input grad.
+    b, dims = 16, [(32, 64), (64, 64), (64, 4)]
+    fwd = sum(2 * b * i * o for i, o in dims)
+    bwd = 2 * fwd - 2 * b * 32 * 64
+    assert flops.step_flops == fwd + bwd
+    assert sample(metrics, "gradyard_step_flops") == fwd + bwd
+    flops.close()
+
+
+def test_single_worker_cpu(tmp_path):
+    spec = make_spec(every=4)
+    state = make_state(spec, torch.device("cpu"))
+    callbacks = build_telemetry_callbacks(spec, sd_directory=tmp_path, host="127.0.0.1")
+    try:
+        train(state, callbacks, steps=10, data_sleep=0.005, checkpoint_at=3)
+        m = find_metrics(callbacks)
+        assert sample(m, "gradyard_steps_total") == 10
+        assert sample(m, "gradyard_samples_total") == 160
+        assert sample(m, "gradyard_timed_steps_total") == 7  # steps 0, 4, 8 counted FLOPs
+        step_s = sample(m, "gradyard_step_seconds_total")
+        assert step_s > 0 and abs(phase_sum(m) - step_s) <= 0.1 * step_s
+        assert sample(m, "gradyard_step_phase_seconds_total", phase="data") >= 7 * 0.005
+        assert sample(m, "gradyard_step_phase_seconds_total", phase="comm_exposed") == 0.0
+        assert sample(m, "gradyard_allreduce_bytes_total") is None  # one worker: no sync
+        assert sample(m, "gradyard_step_flops") > 0
+        assert sample(m, "gradyard_achieved_flops_per_second") > 0
+        assert sample(m, "gradyard_mfu_ratio") is None  # CPU, no calibration: absent
+        assert sample(m, "gradyard_peak_flops_per_second") is None
+        assert math.isfinite(sample(m, "gradyard_loss"))
+        assert sample(m, "gradyard_checkpoints_total") == 1
+        assert sample(m, "gradyard_checkpoint_blocked_seconds_count") == 1
+        assert sample(m, "gradyard_checkpoint_last_blocked_seconds") >= 0.02
+        assert sample(m, "gradyard_process_resident_memory_bytes") > 10e6
+        text = [mf.name for mf in m.registry.collect()]
+        assert not any(n.startswith("gradyard_gpu_") for n in text)  # absent, not zero
+    finally:
+        close_all(callbacks)
+
+
+def test_mfu_with_calibrated_profile(tmp_path):
+    spec = make_spec(every=100)
+    state = make_state(spec, torch.device("cpu"))
+    callbacks = build_telemetry_callbacks(spec, peak_profile={"fp32": 1e12}, sd_directory=tmp_path,
+                                          host="127.0.0.1")
+    try:
+        train(state, callbacks, steps=4)
+        m = find_metrics(callbacks)
+        achieved = sample(m, "gradyard_achieved_flops_per_second")
+        assert sample(m, "gradyard_mfu_ratio") == pytest.approx(achieved / 1e12)
+        assert sample(m, "gradyard_peak_flops_per_second") == 1e12
+    finally:
+        close_all(callbacks)
+
+
+def test_set_regime_keeps_one_series():
+    m = TelemetryMetrics()
+    m.bind({"job": "j", "run": "r", "rank": "0", "node": "n", "device": "cpu"})
+    m.set_regime("data_bound", {"data_wait_share": 0.4, "note": "text is dropped"})
+    m.set_regime("compute_bound", {"mfu": 0.5})
+    assert sample(m, "gradyard_regime_info", regime="compute_bound") == 1
+    assert sample(m, "gradyard_regime_info", regime="data_bound") is None
+    assert sample(m, "gradyard_regime_evidence", regime="compute_bound", key="mfu") == 0.5
+    assert sample(m, "gradyard_regime_evidence", regime="data_bound", key="data_wait_share") is None
+    assert m.current_regime == "compute_bound"
+
+
+def test_exporter_serves_and_cleans_up(tmp_path):
+    m = TelemetryMetrics()
+    m.bind({"job": "exp", "run": "r9", "rank": "0", "node": "n", "device": "cpu"})
+    m.child(m.steps).inc(3)
+    exporter = PrometheusExporter(m, host="127.0.0.1", sd_directory=tmp_path)
+    _, port = exporter.start()
+    groups = exporter.register(rank=0, job="exp", run="r9")
+    try:
+        assert port > 0 and groups == [{"targets": [f"127.0.0.1:{port}"],
+                                        "labels": {"job": "exp", "run": "r9", "rank": "0", "node": "n"}}]
+        assert json.loads((tmp_path / "exp-r9.json").read_text()) == groups
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'gradyard_steps_total{device="cpu",job="exp",node="n",rank="0",run="r9"} 3.0' in body
+    finally:
+        thread = exporter._thread
+        exporter.close()
+    assert not (tmp_path / "exp-r9.json").exists()
+    assert not thread.is_alive()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_nvml_absent_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert NvmlReader.open(torch.device("cpu")) is None
+
+
+def _promtool() -> str:
+    tool = shutil.which("promtool")
+    if tool is None:
+        if CI:
+            pytest.fail("promtool not found (install Debian's prometheus package)")
+        pytest.skip("promtool not found")
+    return tool
+
+
+def test_promtool_checks_config_and_rules():
+    tool = _promtool()
+    for args in (["check", "rules", str(RULES)], ["check", "config", str(PROM_CONFIG)]):
+        out = subprocess.run([tool, *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+def dashboard_panels(dash: dict) -> list[dict]:
+    panels = []
+    for p in dash["panels"]:
+        panels.append(p)
+        panels.extend(p.get("panels", []))
+    return [p for p in panels if p.get("targets")]
+
+
+def test_dashboard_shape():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["title"] == "GPU efficiency"
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert {"job", "node", "rank"} <= set(variables)
+    titles = {p["title"] for p in dashboard_panels(dash)}
+    for needed in ("GPU utilization (NVML)", "MFU (model FLOPs utilization)",
+                   "Step-time breakdown (seconds per step)", "Communication share of step time",
+                   "Allreduce bus bandwidth", "Checkpoint stalls", "Process resident memory",
+                   "Throughput (samples/s)"):
+        assert needed in titles
+    for p in dashboard_panels(dash):
+        assert p["datasource"]["uid"] == "${datasource}"
+        for t in p["targets"]:
+            assert 'job=~"$job"' in t["expr"], (p["title"], t["expr"])
+
+
+# ------------------------------------------------------- integration (2 gloo workers + Prometheus)
+
+PEAK_PROFILE = {"fp32": 5e10}  # a "calibration" so MFU exists on CPU
+
+
+def _worker(rank: int, world_size: int, rdzv: str, sd_dir: str, stop, trained, release, results) -> None:
+    """One DDP worker: train until told to stop, report, then wait to be released before closing."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=world_size)
+    spec = make_spec(name="telemetry-it", every=5)
+    state = make_state(spec, torch.device("cpu"), rank=rank, world_size=world_size, ddp=True)
+    state.node = f"node-{rank}"
+    callbacks = build_telemetry_callbacks(spec, peak_profile=PEAK_PROFILE, sd_directory=Path(sd_dir),
+                                          host="127.0.0.1")
+    metrics = find_metrics(callbacks)
+
+    def on_step(s):
+        if s.step == 3:
+            metrics.set_regime("data_bound", {"data_wait_share": 0.5})
+
+    try:
+        train(state, callbacks, steps=100_000, stop=stop, data_sleep=0.01, checkpoint_at=2, on_step=on_step)
+        results.put({"rank": rank, "steps": state.step, "grad_bytes": gradient_bytes(state.model),
+                     "targets": callbacks[0].targets, "sd_path": str(callbacks[0].sd_path)})
+        trained[rank].set()
+        release.wait(120)
+    finally:
+        close_all(callbacks)
+        dist.destroy_process_group()
+
+
+def prometheus_binary() -> str:
+    binary = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
+    if binary is None:
+        if CI:
+            pytest.fail("prometheus not found (install Debian's prometheus package)")
+        pytest.skip("prometheus not found")
+    return binary
+
+
+class Prometheus:
+    """The real server on loopback, with the deploy config pointed at a temp file_sd dir."""
+
+    def __init__(self, binary: str, workdir: Path, sd_dir: Path):
+        config = yaml.safe_load(PROM_CONFIG.read_text())
+        config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+        config["rule_files"] = [str(RULES)]
+        (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "gradyard"]
+        job["file_sd_configs"] = [{"files": [str(sd_dir / "*.json")], "refresh_interval": "1s"}]
+        config["scrape_configs"] = [job]
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(workdir / "prometheus.log", "w")
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def get(self, path: str, **params) -> Any:
+        url = f"{self.url}{path}?{urllib.parse.urlencode(params, doseq=True)}"
+        body = json.loads(urllib.request.urlopen(url, timeout=10).read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        return self.get("/api/v1/query", query=expr)["result"]
+
+    def wait_ready(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "prometheus exited; see its log"
+            try:
+                urllib.request.urlopen(f"{self.url}/-/ready", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError("prometheus not ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    subst = {"$__rate_interval": "30s", "$job": ".*", "$node": ".*", "$rank": ".*"}
+    out = []
+    for panel in dashboard_panels(json.loads(DASHBOARD.read_text())):
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for k, v in subst.items():
+                expr = expr.replace(k, v)
+            assert "$" not in expr, expr
+            out.append((panel["title"], expr))
+    return out
+
+
+def gpu_only(expr: str) -> bool:
+    return "gradyard_gpu_" in expr
+
+
+def wait_until(cond, deadline: float, what: str, poll: float = 0.5, procs=()):
+    last = None
+    while time.monotonic() < deadline:
+        dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+        assert not dead, f"a worker failed (exit codes {dead}) while waiting for: {what}"
+        try:
+            last = cond()
+            if last:
+                return last
+        except (OSError, AssertionError) as exc:  # not up yet
+            last = exc
+        time.sleep(poll)
+    raise TimeoutError(f"{what} (last: {last!r})")
+
+
+@pytest.mark.prometheus
+def test_two_gloo_workers_scraped_by_prometheus():
+    binary = prometheus_binary()
+    deadline = time.monotonic() + 60
+    workdir = Path(tempfile.mkdtemp(prefix="gradyard-prom-"))
+    sd_dir = workdir / "sd"
+    prom = Prometheus(binary, workdir, sd_dir)
+    ctx = mp.get_context("spawn")
+    stop, release = ctx.Event(), ctx.Event()
+    trained = [ctx.Event(), ctx.Event()]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, 2, f"file://{workdir / 'rdzv'}", str(sd_dir), stop, trained,
+                                                release, results)) for r in range(2)]
+    try:
+        for p in procs:
+            p.start()
+        prom.wait_ready(deadline)
+        sd_files = wait_until(lambda: list(sd_dir.glob("*.json")), deadline, "file_sd written by rank 0", procs=procs)
+        assert [f.name for f in sd_files] == ["telemetry-it-run1.json"]
+        groups = json.loads(sd_files[0].read_text())
+        assert sorted(g["labels"]["rank"] for g in groups) == ["0", "1"]
+        assert all(g["targets"][0].startswith("127.0.0.1:") for g in groups)
+
+        def targets_up():
+            active = prom.get("/api/v1/targets")["activeTargets"]
+            return len(active) == 2 and all(t["health"] == "up" for t in active)
+
+        wait_until(targets_up, deadline, "both workers scraped", procs=procs)
+
+        queries = panel_queries()
+        cpu_queries = [(t, e) for t, e in queries if not gpu_only(e)]
+
+        def all_panels_have_data():
+            return all(prom.query(e) for _, e in cpu_queries)
+
+        # Training goes on while Prometheus scrapes, so rates see real progress.
+        wait_until(all_panels_have_data, deadline, "every panel has data", poll=1.0, procs=procs)
+        stop.set()
+        for ev in trained:
+            assert ev.wait(max(1.0, deadline - time.monotonic())), "worker did not finish"
+        final = {r["rank"]: r for r in (results.get(timeout=10) for _ in range(2))}
+        assert final[0]["targets"] == groups
+
+        # Let Prometheus scrape the final values of both workers.
+        def final_scraped():
+            got = {s["metric"]["rank"]: float(s["value"][1]) for s in prom.query("gradyard_steps_total")}
+            return got == {str(r): float(final[r]["steps"]) for r in final}
+
+        wait_until(final_scraped, deadline, "final step counts scraped", procs=procs)
+
+        for title, expr in queries:
+            result = prom.query(expr)
+            if gpu_only(expr):
+                assert result == [], f"{title}: GPU series on a CPU run: {expr}"
+            else:
+                assert result, f"{title}: no series for {expr}"
+        assert prom.query('{__name__=~"gradyard_gpu_.*"}') == []
+
+        # Values hold together (counters from the same scrape).
+        for rank in ("0", "1"):
+            sel = f'{{rank="{rank}"}}'
+            step_s = float(prom.query(f"gradyard_step_seconds_total{sel}")[0]["value"][1])
+            phases = float(prom.query(f"sum(gradyard_step_phase_seconds_total{sel})")[0]["value"][1])
+            assert step_s > 0 and abs(phases - step_s) <= 0.1 * step_s, (rank, phases, step_s)
+            grad_bytes = final[int(rank)]["grad_bytes"]
+            step_bytes = float(prom.query(f"gradyard_allreduce_step_bytes{sel}")[0]["value"][1])
+            assert step_bytes == grad_bytes
+            per_step = float(prom.query(
+                f"gradyard_allreduce_bytes_total{sel} / gradyard_steps_total{sel}")[0]["value"][1])
+            assert per_step == grad_bytes
+            timed = float(prom.query(f"gradyard_timed_steps_total{sel}")[0]["value"][1])
+            assert timed < final[int(rank)]["steps"]  # FLOP-counted steps left out
+            mfu = float(prom.query(f"gradyard_mfu_ratio{sel}")[0]["value"][1])
+            assert 0 < mfu < 1
+            busbw = float(prom.query(f"gradyard_allreduce_busbw_bytes_per_second{sel}")[0]["value"][1])
+            algbw = float(prom.query(f"gradyard_allreduce_algbw_bytes_per_second{sel}")[0]["value"][1])
+            assert busbw == pytest.approx(algbw)  # 2(n-1)/n = 1 for n = 2
+        for var in json.loads(DASHBOARD.read_text())["templating"]["list"]:
+            m = re.fullmatch(r"label_values\((.+), (\w+)\)", var.get("definition", ""))
+            if m:
+                selector = m.group(1).replace("$job", ".*").replace("$node", ".*")
+                assert prom.get(f"/api/v1/label/{m.group(2)}/values", **{"match[]": selector}), var["name"]
+
+        release.set()
+        for p in procs:
+            p.join(max(1.0, deadline - time.monotonic()))
+            assert p.exitcode == 0
+        assert not list(sd_dir.glob("*.json")), "file_sd not removed at close"
+    except BaseException:
+        log = workdir / "prometheus.log"
+        print("prometheus log (tail):\n" + (log.read_text()[-4000:] if log.exists() else "(none)"))
+        raise
+    finally:
+        stop.set()
+        release.set()
+        for p in procs:
+            if p.is_alive():
+                p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        prom.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_events_nccl_hook_and_nvml(tmp_path):
+    """CUDA-event phases, the NCCL comm hook on a 1-rank process group, NVML and allocator readings."""
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        spec = make_spec(every=4)
+        state = make_state(spec, device, ddp=True)
+        callbacks = build_telemetry_callbacks(spec, sd_directory=tmp_path, host="127.0.0.1")
+        timer = next(cb for cb in callbacks if isinstance(cb, StepTimer))
+        comm = next(cb for cb in callbacks if isinstance(cb, GradSyncMonitor))
+        lags = []
+        try:
+            train(state, callbacks, steps=20, data_sleep=0.002,
+                  on_step=lambda s: lags.append(len(timer._pending)))
+            m = find_metrics(callbacks)
+            assert comm.active and max(lags) <= timer.max_lag  # resolved lazily, never piling up
+            assert sample(m, "gradyard_timed_steps_total") == 15
+            step_s = sample(m, "gradyard_step_seconds_total")
+            assert step_s > 0 and abs(phase_sum(m) - step_s) <= 0.1 * step_s
+            assert sample(m, "gradyard_allreduce_step_bytes") == gradient_bytes(state.model)
+            assert sample(m, "gradyard_allreduce_seconds_total") > 0
+            assert sample(m, "gradyard_gpu_memory_allocated_bytes") > 0
+            assert sample(m, "gradyard_gpu_memory_peak_allocated_bytes") >= sample(
+                m, "gradyard_gpu_memory_allocated_bytes")
+            assert sample(m, "gradyard_gpu_memory_used_bytes") > 0  # NVML
+            assert sample(m, "gradyard_gpu_sm_clock_hertz") > 1e8
+            util = sample(m, "gradyard_gpu_utilization_ratio")
+            assert util is None or 0.0 <= util <= 1.0  # absent on MIG slices
+            if torch.cuda.get_device_name(device) in PEAK_FLOPS:
+                assert 0 < sample(m, "gradyard_mfu_ratio") < 1
+            assert math.isfinite(sample(m, "gradyard_loss"))
+        finally:
+            close_all(callbacks)
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ torchrun entry
+
+
+def _torchrun_main() -> None:
+    """`torchrun --nproc-per-node 2 tests/test_telemetry.py`: the same worker loop under the real launcher."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    spec = make_spec(name="telemetry-torchrun", every=10)
+    state = make_state(spec, device, rank=rank, world_size=world, ddp=world > 1)
+    state.local_rank = local
+    callbacks = build_telemetry_callbacks(spec)
+    try:
+        train(state, callbacks, steps=int(os.environ.get("STEPS", "200")), data_sleep=0.005)
+        m = find_metrics(callbacks)
+        print(f"rank {rank}: metrics at http://{callbacks[0].host}:{callbacks[0].port}/metrics, "
+              f"step {m.registry.get_sample_value('gradyard_step_seconds_total', m.identity):.3f} s total")
+    finally:
+        close_all(callbacks)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _torchrun_main()
