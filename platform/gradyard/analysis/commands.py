@@ -1,0 +1,56 @@
+"""What `gradyard calibrate` and `gradyard analyze` run; the CLI only parses arguments.
+
+Both print a few lines of text, or one JSON object with ``--json``, and return
+an exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Optional, TextIO
+
+from gradyard.analysis.calibrate import DeviceProfile, calibrate
+from gradyard.analysis.record import StepRecord
+from gradyard.analysis.report import format_profile, format_verdict, write_report
+from gradyard.analysis.verdict import analyze_run
+
+
+def run_calibrate(json_out: bool = False, quick: bool = False, save: bool = True,
+                  out: TextIO = sys.stdout) -> int:
+    """Calibrate this process's device, cache the profile, print it."""
+    profile = calibrate(quick=quick)
+    path = profile.save() if save else None
+    if json_out:
+        out.write(json.dumps(profile.to_dict()) + "\n")
+    else:
+        out.write(format_profile(profile) + "\n")
+        if path:
+            out.write(f"saved: {path}\n")
+    return 0
+
+
+def run_analyze(step_record: dict[str, Any], out_dir: Optional[os.PathLike] = None, json_out: bool = False,
+                profile: Optional[DeviceProfile] = None, out: TextIO = sys.stdout) -> int:
+    """Verdict for a step record (the parsed ``analysis/step.json``), plus the report in ``out_dir``.
+
+    The calibration is ``profile``, else the one stored in the record, else this
+    machine's cached profile for the record's device.
+    """
+    record = StepRecord.from_dict(step_record)
+    profile = profile or record.profile
+    if profile is None:
+        out.write("no calibration in the step record and none given: run `gradyard calibrate` on that device\n")
+        return 2
+    verdict = analyze_run(step_record, profile)
+    paths = write_report(verdict, record.census, record.phases, profile, out_dir) if out_dir else []
+    if json_out:
+        d = verdict.to_dict()
+        d["report"] = [str(p) for p in paths]
+        out.write(json.dumps(d) + "\n")
+    else:
+        out.write(format_verdict(verdict) + "\n")
+        for p in paths:
+            out.write(f"wrote: {p}\n")
+    return 0

@@ -1,0 +1,380 @@
+"""Which wall a training step is up against, and the numbers that say so.
+
+The step's wall time is split five ways (Horace He's three regimes plus the
+two distributed training adds), and the largest part is the verdict:
+
+- **input**: waiting for data (``data_s``).
+- **communication**: allreduce time the backward did not hide (``comm_exposed_s``).
+- **overhead**: compute time the device spends neither computing nor moving
+  memory: Python, autograd, dispatch, kernel launch.  Found, in order of
+  preference: from the batch-scaling probe (overhead does not grow with the
+  batch: time = O + c*B, so its share is 2 - time(2B)/time(B)); on CUDA from
+  the profiler's device idle share; on CPU from the profiled step, as the share
+  of its wall time spent outside *sized* ops, those whose roofline time per
+  call (max(flops/peak, bytes/bw)) is at least ``TINY_OP_FACTOR`` x the
+  calibrated dispatch cost (the time of tiny ops is their fixed cost); without
+  profiler times, from the roofline residual when op count x dispatch cost is
+  at least ``TINY_OPS_DISPATCH_SHARE`` of compute time.
+- **compute** / **memory**: the rest of compute time, divided by measured op
+  time on each side of the ridge point (an op whose FLOPs/byte is at or above
+  peak FLOP/s / bandwidth is compute-bound).
+
+Remedies follow the verdict (and any other part over ``SECONDARY_SHARE``),
+each with what the evidence says it could buy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from gradyard.analysis.calibrate import DeviceProfile
+from gradyard.analysis.opclass import COMMUNICATION, DATA_MOVEMENT, ELEMENTWISE, OTHER, REDUCTION
+from gradyard.analysis.record import StepRecord
+
+REGIMES = ("compute", "memory", "overhead", "communication", "input")
+
+TINY_OP_FACTOR = 10.0
+"""An op whose roofline time per call is below this many dispatch costs is tiny: its fixed cost dominates."""
+TINY_OPS_DISPATCH_SHARE = 0.05
+"""Without profiler times: ops count as tiny when op count x dispatch cost >= this share of compute time."""
+SECONDARY_SHARE = 0.2
+"""Parts of the step at least this large get their remedies listed too."""
+
+
+@dataclass
+class Evidence:
+    """The measured inputs of a verdict (one step; seconds, FLOPs, bytes)."""
+
+    step_s: float
+    data_s: float = 0.0
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    optimizer_s: float = 0.0
+    comm_exposed_s: float = 0.0
+    flops: float = 0.0
+    """All counted FLOPs (pointwise at 1/element)."""
+    model_flops: float = 0.0
+    """FLOPs of flop_counter formulas (matmul/conv/attention): the MFU numerator."""
+    bytes: float = 0.0
+    n_ops: int = 0
+    roofline_s: float = 0.0
+    """Sum over ops of max(flops/peak, bytes/bandwidth): the step's time if every op ran on the roof."""
+    compute_side_s: float = 0.0
+    """Measured time of ops at or above the ridge point."""
+    memory_side_s: float = 0.0
+    """Measured time of ops below the ridge point."""
+    peak_flops_per_s: float = 1.0
+    bandwidth_bytes_per_s: float = 1.0
+    dispatch_overhead_s: float = 0.0
+    dtype: str = "float32"
+    device: str = ""
+    device_type: str = "cpu"
+    device_idle_share: Optional[float] = None
+    """CUDA: share of compute time no kernel ran (profiler); None on CPU."""
+    sized_ops_share: Optional[float] = None
+    """CPU: share of the profiled step's wall time spent inside sized (non-tiny) ops; None without profiler."""
+    batch_scaling_ratio: Optional[float] = None
+    comm_bytes: float = 0.0
+    """Payload handed to collectives per step."""
+    allreduce_busbw_bytes_per_s: Optional[float] = None
+    world_size: int = 1
+    has_conv: bool = False
+    movement_bytes_share: float = 0.0
+    """Share of bytes moved by data-movement ops (copies, layout changes)."""
+    fusable_bytes_share: float = 0.0
+    """Share of bytes moved by elementwise and reduction ops (what fusion removes)."""
+
+    @property
+    def ridge_point(self) -> float:
+        return self.peak_flops_per_s / self.bandwidth_bytes_per_s
+
+    @property
+    def compute_s(self) -> float:
+        """Time on the device's work: the step less data wait and exposed communication."""
+        return max(self.step_s - self.data_s - self.comm_exposed_s, 1e-12)
+
+
+@dataclass
+class Remedy:
+    regime: str
+    action: str
+    expected: str
+    """What the evidence says it could buy."""
+
+
+@dataclass
+class Verdict:
+    regime: str
+    shares: dict[str, float]
+    """Share of step time per regime; sums to 1."""
+    numbers: dict[str, Any]
+    """Evidence numbers (JSON-ready): roofline position, MFU, bandwidth share, idle share..."""
+    remedies: list[Remedy] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"regime": self.regime, **self.numbers, "shares": self.shares,
+                "remedies": [asdict(r) for r in self.remedies], "notes": self.notes}
+
+    def to_json(self, indent: Optional[int] = None) -> str:
+        """One JSON object: ``regime`` and the evidence numbers beside it."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Verdict":
+        numbers = {k: v for k, v in d.items() if k not in ("regime", "shares", "remedies", "notes")}
+        return cls(regime=d["regime"], shares=d["shares"], numbers=numbers,
+                   remedies=[Remedy(**r) for r in d.get("remedies", [])], notes=d.get("notes", []))
+
+
+def _clamp(x: float) -> float:
+    return min(1.0, max(0.0, x))
+
+
+def classify(ev: Evidence) -> Verdict:
+    step = max(ev.step_s, 1e-12)
+    compute_s = ev.compute_s if ev.step_s > ev.data_s + ev.comm_exposed_s else 0.0
+    unexplained = _clamp(1 - ev.roofline_s / compute_s) if compute_s else 0.0
+    dispatch_share = _clamp(ev.n_ops * ev.dispatch_overhead_s / compute_s) if compute_s else 0.0
+    notes: list[str] = []
+
+    if ev.batch_scaling_ratio is not None:
+        overhead_frac, source = _clamp(2 - ev.batch_scaling_ratio), "batch scaling (2 - time(2B)/time(B))"
+    elif ev.device_idle_share is not None:
+        overhead_frac, source = ev.device_idle_share, "device idle share (profiler)"
+    elif ev.sized_ops_share is not None:
+        overhead_frac, source = _clamp(1 - ev.sized_ops_share), "time outside sized ops (profiler)"
+    elif dispatch_share >= TINY_OPS_DISPATCH_SHARE:
+        overhead_frac, source = unexplained, "roofline residual, tiny ops"
+    else:
+        overhead_frac, source = min(unexplained, dispatch_share), "op count x dispatch cost"
+
+    rest = compute_s * (1 - overhead_frac)
+    sides = ev.compute_side_s + ev.memory_side_s
+    ridge = ev.ridge_point
+    intensity = ev.flops / ev.bytes if ev.bytes else 0.0
+    compute_frac = ev.compute_side_s / sides if sides else (1.0 if intensity >= ridge else 0.0)
+    shares = {
+        "input": ev.data_s / step,
+        "communication": ev.comm_exposed_s / step,
+        "overhead": compute_s * overhead_frac / step,
+        "compute": rest * compute_frac / step,
+        "memory": rest * (1 - compute_frac) / step,
+    }
+    total = sum(shares.values()) or 1.0
+    shares = {k: v / total for k, v in shares.items()}
+    regime = max(REGIMES, key=lambda r: shares[r])
+
+    achieved = ev.flops / compute_s if compute_s else 0.0
+    achieved_bw = ev.bytes / compute_s if compute_s else 0.0
+    ideal_comm = None
+    if ev.allreduce_busbw_bytes_per_s and ev.comm_bytes and ev.world_size > 1:
+        n = ev.world_size
+        ideal_comm = ev.comm_bytes * 2 * (n - 1) / n / ev.allreduce_busbw_bytes_per_s
+    numbers: dict[str, Any] = {
+        "device": ev.device,
+        "dtype": ev.dtype,
+        "step_s": ev.step_s,
+        "compute_s": compute_s,
+        "arithmetic_intensity": intensity,
+        "ridge_point": ridge,
+        "roofline_position": intensity / ridge if ridge else None,
+        "roofline_side": "compute" if intensity >= ridge else "memory",
+        "flops_per_step": ev.flops,
+        "model_flops_per_step": ev.model_flops,
+        "bytes_per_step": ev.bytes,
+        "achieved_flops_per_s": achieved,
+        "peak_flops_per_s": ev.peak_flops_per_s,
+        "mfu": ev.model_flops / step / ev.peak_flops_per_s,
+        "achieved_bandwidth_bytes_per_s": achieved_bw,
+        "bandwidth_bytes_per_s": ev.bandwidth_bytes_per_s,
+        "bandwidth_share": achieved_bw / ev.bandwidth_bytes_per_s,
+        "roofline_s": ev.roofline_s,
+        "device_idle_share": ev.device_idle_share if ev.device_idle_share is not None else unexplained,
+        "device_idle_source": "profiler" if ev.device_idle_share is not None else "roofline residual",
+        "overhead_source": source,
+        "ops_per_step": ev.n_ops,
+        "time_per_op_s": compute_s / ev.n_ops if ev.n_ops else None,
+        "dispatch_overhead_s": ev.dispatch_overhead_s,
+        "dispatch_share": dispatch_share,
+        "sized_ops_share": ev.sized_ops_share,
+        "communication_share": ev.comm_exposed_s / step,
+        "comm_bytes_per_step": ev.comm_bytes,
+        "allreduce_ideal_s": ideal_comm,
+        "data_wait_share": ev.data_s / step,
+        "batch_scaling_ratio": ev.batch_scaling_ratio,
+    }
+    if ev.batch_scaling_ratio is None:
+        notes.append("no batch-scaling probe: overhead share estimated from " + source)
+    if regime in ("compute", "memory") and unexplained > 0.5:
+        notes.append(f"the roofline explains only {1 - unexplained:.0%} of compute time: beyond the overhead "
+                     "share, ops run well below the roof (layouts, dtypes, kernel choice); see the top operators")
+    if compute_s and ev.roofline_s > 1.5 * compute_s:
+        notes.append("the step ran faster than the calibrated roof allows: the profile may be stale "
+                     "or from another thread count / clock")
+    return Verdict(regime=regime, shares=shares, numbers=numbers, remedies=remedies(regime, shares, ev, numbers),
+                   notes=notes)
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0%}"
+
+
+def _speedup(share: float) -> str:
+    """Throughput gain from removing ``share`` of the step."""
+    gain = 1 / max(1 - share, 1e-9)
+    return f"{gain:.2f}x" if gain < 10 else "10x or more"
+
+
+def remedies(regime: str, shares: dict[str, float], ev: Evidence, numbers: dict[str, Any]) -> list[Remedy]:
+    """Remedies for the verdict first, then for any other part of the step over SECONDARY_SHARE."""
+    order = [regime] + [r for r in sorted(shares, key=shares.get, reverse=True)
+                        if r != regime and shares[r] >= SECONDARY_SHARE]
+    out: list[Remedy] = []
+    for r in order:
+        s = shares[r]
+        if r == "input":
+            out += [
+                Remedy(r, "More DataLoader workers (num_workers, prefetch_factor) so the next batch is ready",
+                       f"data wait is {_pct(s)} of the step: hiding it cuts step time by up to {_pct(s)} "
+                       f"({_speedup(s)} throughput)"),
+                Remedy(r, "pin_memory=True and .to(device, non_blocking=True)",
+                       "overlaps the host-to-device copy with compute (part of the same wait)"),
+                Remedy(r, "Pre-decode or cache the dataset (tensor shards on local disk)",
+                       "removes decoding from the loop when workers alone cannot keep up"),
+            ]
+        elif r == "communication":
+            hint = ""
+            if numbers.get("allreduce_ideal_s"):
+                ratio = ev.comm_exposed_s / numbers["allreduce_ideal_s"]
+                hint = f"; exposed allreduce is {ratio:.1f}x the calibrated time for {ev.comm_bytes / 1e6:.0f} MB"
+            out += [
+                Remedy(r, "Larger DDP buckets (DistributedDataParallel(bucket_cap_mb=...), default 25)",
+                       f"exposed allreduce is {_pct(s)} of the step; full overlap with backward saves up to {_pct(s)}"
+                       + hint),
+                Remedy(r, "Gradient accumulation: k micro-batches under model.no_sync(), allreduce once",
+                       f"allreduce per sample falls k-fold: k=4 saves up to {_pct(s * 3 / 4)} per sample"),
+                Remedy(r, "bf16 gradient compression: model.register_comm_hook(None, bf16_compress_hook)",
+                       f"halves allreduce bytes: up to {_pct(s / 2)} shorter steps"),
+            ]
+        elif r == "overhead":
+            per_op = numbers.get("time_per_op_s") or 0.0
+            out += [
+                Remedy(r, "Larger batch per step (fixed per-step cost is amortised)",
+                       f"overhead is {_pct(s)} of the step and does not grow with the batch: doubling it "
+                       f"cuts time per sample by up to {_pct(s / 2)}"),
+                Remedy(r, "torch.compile the model (fuses ops: fewer dispatches and launches)",
+                       f"{ev.n_ops} ops per step at {per_op * 1e6:.1f} us each; removing the overhead saves up to "
+                       f"{_pct(s)}"),
+            ]
+            if ev.device_type == "cuda":
+                out.append(Remedy(r, "CUDA graphs (torch.compile(mode='reduce-overhead'))",
+                                  f"replays the step's kernels with one launch: up to {_pct(s)}"))
+        elif r == "memory":
+            if ev.dtype in ("float32", "tf32"):
+                out.append(Remedy(r, "bf16 autocast (torch.autocast(device_type, dtype=torch.bfloat16))",
+                                  f"memory-bound ops are {_pct(s)} of the step; half the bytes saves up to "
+                                  f"{_pct(s / 2)}"))
+            out.append(Remedy(r, "Fuse elementwise chains with torch.compile",
+                              f"elementwise and reduction ops move {_pct(ev.fusable_bytes_share)} of the bytes; "
+                              f"a fused chain reads and writes once (up to {_pct(s * ev.fusable_bytes_share)})"))
+            if ev.has_conv:
+                out.append(Remedy(r, "channels_last for the conv net (model.to(memory_format=torch.channels_last))",
+                                  f"data-movement ops move {_pct(ev.movement_bytes_share)} of the bytes; "
+                                  "channels_last avoids layout copies around convs"))
+        elif r == "compute":
+            mfu = numbers.get("mfu") or 0.0
+            fast = None
+            if ev.dtype in ("float32",):
+                fast = "tf32 or bfloat16" if ev.device_type == "cuda" else "bfloat16"
+            if fast:
+                out.append(Remedy(r, f"Tensor-core dtypes: {fast} (torch.autocast / "
+                                     "torch.set_float32_matmul_precision('high'))",
+                                  f"matmul-bound time is {_pct(s)} of the step at MFU {_pct(mfu)} of the float32 "
+                                  "peak; see the calibrated peaks per dtype for the ceiling"))
+            out.append(Remedy(r, "Already near the roof: scale out, or cut FLOPs (smaller model, less recompute)",
+                              f"MFU {_pct(mfu)} of the calibrated {ev.dtype} peak"))
+    return out
+
+
+def _ridge_side(census_op: Any, profile: DeviceProfile, dtype_default: str, tf32: bool) -> str:
+    dt = census_op.dtype or dtype_default
+    if dt == "float32" and tf32:
+        dt = "tf32"
+    return "compute" if census_op.intensity >= profile.ridge(dt) else "memory"
+
+
+def evidence_from(record: StepRecord, profile: DeviceProfile) -> Evidence:
+    census, ph = record.census, record.phases
+    tf32 = census.device_type == "cuda" and census.allow_tf32
+    dtype = census.dtype
+    bw = profile.mem_bandwidth_bytes_per_s
+
+    def op_peak(dt: str) -> float:
+        return profile.peak("tf32" if (dt == "float32" and tf32) else (dt or dtype))
+
+    roofline_s = 0.0
+    fallback = {"compute": 0.0, "memory": 0.0}
+    for o in census.ops:
+        if o.op_class == COMMUNICATION:
+            continue
+        t_flops, t_bytes = o.flops / op_peak(o.dtype), o.bytes / bw
+        roofline_s += max(t_flops, t_bytes)
+        fallback["compute" if t_flops >= t_bytes else "memory"] += max(t_flops, t_bytes)
+
+    # Measured op time on each side of the ridge, from sized ops (a tiny op's time is overhead).
+    sides = {"compute": 0.0, "memory": 0.0}
+    all_sides = {"compute": 0.0, "memory": 0.0}
+    tiny_s = TINY_OP_FACTOR * profile.dispatch_overhead_s
+    totals = census.op_totals()
+    for name in census.times:
+        op = totals.get(name)
+        if op is None or op.op_class in (COMMUNICATION, OTHER) or not op.count:
+            continue  # composite wrappers, autograd nodes: their self time is overhead, not roofline work
+        side = _ridge_side(op, profile, dtype, tf32)
+        seconds = census.op_seconds(name)
+        all_sides[side] += seconds
+        # On CUDA an op's device time is kernel time whatever its size; on CPU a tiny op's time is fixed cost.
+        if census.device_type != "cpu" or max(op.flops / op_peak(op.dtype), op.bytes / bw) / op.count >= tiny_s:
+            sides[side] += seconds
+    sized_share = None
+    if census.device_type == "cpu" and census.times and census.profiled_wall_s:
+        sized_share = _clamp(sum(sides.values()) / census.profiled_wall_s)
+    if not any(sides.values()):
+        sides = all_sides if any(all_sides.values()) else fallback
+
+    by_class = census.by_class()
+    total_bytes = census.bytes or 1.0
+    idle = None
+    if census.device_type == "cuda" and census.device_busy_s is not None and census.profiled_wall_s:
+        idle = _clamp(1 - census.device_busy_s / census.profiled_wall_s)
+    return Evidence(
+        step_s=ph.step_s, data_s=ph.data_s, forward_s=ph.forward_s, backward_s=ph.backward_s,
+        optimizer_s=ph.optimizer_s, comm_exposed_s=ph.comm_exposed_s,
+        flops=census.flops, model_flops=census.model_flops, bytes=census.bytes,
+        n_ops=sum(o.count for o in census.ops if o.op_class != COMMUNICATION),
+        roofline_s=roofline_s, compute_side_s=sides["compute"], memory_side_s=sides["memory"],
+        peak_flops_per_s=op_peak(dtype), bandwidth_bytes_per_s=bw,
+        dispatch_overhead_s=profile.dispatch_overhead_s, dtype=dtype, device=profile.device,
+        device_type=census.device_type, device_idle_share=idle, sized_ops_share=sized_share,
+        batch_scaling_ratio=record.batch_scaling_ratio,
+        comm_bytes=census.comm_bytes, allreduce_busbw_bytes_per_s=profile.allreduce_busbw_bytes_per_s,
+        world_size=record.world_size,
+        has_conv=any("conv" in o.op for o in census.ops),
+        movement_bytes_share=by_class[DATA_MOVEMENT].bytes / total_bytes,
+        fusable_bytes_share=(by_class[ELEMENTWISE].bytes + by_class[REDUCTION].bytes) / total_bytes,
+    )
+
+
+def analyze_run(step_record: dict[str, Any], profile: Optional[DeviceProfile] = None) -> Verdict:
+    """Verdict for a step record (the dict of ``analysis/step.json``).
+
+    ``profile`` defaults to the calibration stored in the record.
+    """
+    record = StepRecord.from_dict(step_record)
+    profile = profile or record.profile
+    if profile is None:
+        raise ValueError("step record carries no calibration: pass a DeviceProfile (gradyard calibrate)")
+    return classify(evidence_from(record, profile))
