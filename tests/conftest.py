@@ -94,7 +94,27 @@ class RayCluster:
         self.ray(*args)
 
     def stop(self) -> None:
-        self.ray("stop", "--force", check=False)
+        # Not `ray stop`: it would take down every Ray cluster on the machine.
+        import psutil
+
+        mine = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if any(self.temp_dir in part for part in proc.info["cmdline"] or []):
+                    mine.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        for proc in mine:
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(mine, timeout=10)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

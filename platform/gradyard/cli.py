@@ -195,13 +195,38 @@ def build_parser() -> argparse.ArgumentParser:
         _submit.add_commands(sub)
     except ImportError:
         pass
-    try:
-        from gradyard.analysis import cli as _analysis_cli
+    cal = sub.add_parser("calibrate", help="measure this device's FLOP/s, bandwidth, overhead")
+    cal.add_argument("--json", action="store_true")
+    cal.add_argument("--quick", action="store_true", help="fewer, smaller measurements")
+    cal.set_defaults(fn=cmd_calibrate)
 
-        _analysis_cli.add_commands(sub)
-    except ImportError:
-        pass
+    an = sub.add_parser("analyze", help="compute-, memory-, overhead-, communication- or input-bound?")
+    an.add_argument("run_url")
+    an.add_argument("--out", help="folder for roofline.png, step_breakdown.png and report.md")
+    an.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
+    an.add_argument("--endpoint-url")
+    an.set_defaults(fn=cmd_analyze)
     return p
+
+
+def cmd_calibrate(args) -> int:
+    from gradyard.analysis import run_calibrate
+
+    return run_calibrate(json_out=args.json, quick=args.quick)
+
+
+def cmd_analyze(args) -> int:
+    from gradyard.analysis import run_analyze
+    from gradyard.storage import open_storage
+
+    run = open_storage(args.run_url, args.endpoint_url)
+    try:
+        with run.fs.open(run.join("analysis", "step.json"), "rb") as f:
+            record = json.loads(f.read())
+    except FileNotFoundError:
+        raise CLIError(f"{redact(run.url)}/analysis/step.json not found: the run has no measured "
+                       "step yet (telemetry must be on, and the run must pass step 7)") from None
+    return run_analyze(record, out_dir=args.out, json_out=args.json)
 
 
 def main(argv: list[str] | None = None) -> int:

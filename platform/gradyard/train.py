@@ -115,18 +115,30 @@ class RayReportCallback(Callback):
 
 def build_callbacks(spec: JobSpec, storage: Storage, info: DistInfo, launcher: str,
                     faults: dict | None = None) -> list[Callback]:
-    cbs: list[Callback] = [ProgressCallback(), CheckpointCallback(storage, spec, info.rank)]
+    """Progress, telemetry, checkpoints, analysis (and test faults), in firing order.
+
+    Telemetry comes before checkpointing so a checkpoint's stall is not booked
+    as step time (it has its own metric).
+    """
+    cbs: list[Callback] = [ProgressCallback()]
+    metrics = timer = None
+    if spec.telemetry.enabled:
+        from gradyard.telemetry import StepTimer, build_telemetry_callbacks, find_metrics
+
+        telemetry = build_telemetry_callbacks(spec, host=info.node_ip if launcher == "ray" else None)
+        cbs.extend(telemetry)
+        metrics = find_metrics(telemetry)
+        timer = next((cb for cb in telemetry if isinstance(cb, StepTimer)), None)
+    cbs.append(CheckpointCallback(storage, spec, info.rank))
+    if spec.telemetry.enabled:
+        from gradyard.analysis.live import live_analysis
+
+        cbs.append(live_analysis(storage, info.rank, metrics=metrics, timer=timer,
+                                 batch_size=spec.data.batch_size))
     if faults:  # tests and benchmarks only
         from gradyard.testing.faults import build_fault_callbacks
 
         cbs.extend(build_fault_callbacks(faults))
-    if spec.telemetry.enabled:
-        try:
-            from gradyard.telemetry import build_telemetry_callbacks
-        except ImportError:  # telemetry package not present in this build
-            build_telemetry_callbacks = None
-        if build_telemetry_callbacks is not None:
-            cbs.extend(build_telemetry_callbacks(spec))
     if launcher == "ray":
         cbs.append(RayReportCallback())
     return cbs

@@ -160,7 +160,7 @@ class Trainer:
             "world_size": s.world_size,
             "scheduler": s.scheduler.state_dict(),
             "scaler": s.scaler.state_dict() if s.scaler is not None else None,
-            "epoch_sums": dict(self._epoch_sums),
+            "epoch_sums": {k: float(v) for k, v in self._epoch_sums.items()},
             "history": list(self.history),
             "metrics": dict(s.metrics),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks if cb.state_dict()},
@@ -225,12 +225,12 @@ class Trainer:
         extra = penalty(self.spec, self.state.model)
         return loss + extra if extra is not None else loss
 
-    def _count_correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    def _count_correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.loss_name == "cross_entropy":
-            return float((outputs.argmax(1) == targets).sum())
+            return (outputs.argmax(1) == targets).sum().double()
         if self.loss_name == "bce":
-            return float(((outputs > 0).to(targets.dtype) == targets).sum())
-        return 0.0
+            return ((outputs > 0).to(targets.dtype) == targets).sum().double()
+        return torch.zeros((), dtype=torch.float64, device=outputs.device)
 
     def train_step(self, inputs, targets) -> None:
         s = self.state
@@ -258,11 +258,12 @@ class Trainer:
             s.optimizer.step()
         s.scheduler.step()
         self.fire(Event.AFTER_OPTIMIZER)
-        # .item() is a host-device sync point; the loss is needed for the
-        # epoch mean anyway, and detaching early keeps the graph short-lived.
-        self._epoch_sums["loss"] += float(loss.detach()) * s.batch_size
-        self._epoch_sums["correct"] += self._count_correct(outputs.detach().float(), targets)
-        self._epoch_sums["count"] += s.batch_size
+        # Sums stay on the device: reading them (a host-device sync point)
+        # waits for the epoch's end instead of stalling every step.
+        sums = self._epoch_sums
+        sums["loss"] = sums["loss"] + loss.detach().double() * s.batch_size
+        sums["correct"] = sums["correct"] + self._count_correct(outputs.detach().float(), targets)
+        sums["count"] += s.batch_size
         s.step += 1
         s.batch_in_epoch += 1
         s.consumed_in_epoch += s.batch_size * s.world_size
@@ -290,7 +291,7 @@ class Trainer:
             with self._autocast():
                 outputs = s.model(inputs).float()
             loss_sum += float(self.loss_fn(outputs, targets)) * targets.shape[0]
-            correct += self._count_correct(outputs, targets)
+            correct += float(self._count_correct(outputs, targets))
             count += targets.shape[0]
         loss_sum, correct, count = self._allreduce([loss_sum, correct, count])
         s.model.train(was_training)
@@ -300,8 +301,8 @@ class Trainer:
         return out
 
     def _epoch_metrics(self, seconds: float) -> dict:
-        loss, correct, count = self._allreduce(
-            [self._epoch_sums["loss"], self._epoch_sums["correct"], self._epoch_sums["count"]])
+        loss, correct, count = self._allreduce([float(v) for v in (
+            self._epoch_sums["loss"], self._epoch_sums["correct"], self._epoch_sums["count"])])
         out = {"train_loss": loss / max(count, 1)}
         if self.loss_name != "mse":
             out["train_accuracy"] = correct / max(count, 1)

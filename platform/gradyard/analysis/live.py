@@ -1,0 +1,54 @@
+"""The analysis inside a running job: census of a real step, verdict, live regime metric.
+
+Rank 0 writes ``<run>/analysis/step.json`` (what ``gradyard analyze`` reads)
+and ``<run>/analysis/verdict.json``, prints the verdict, and sets
+``gradyard_regime_info{regime=...}`` when telemetry is on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Optional
+
+from gradyard.analysis.callback import CensusCallback
+from gradyard.storage import Storage, with_retries
+
+log = logging.getLogger("gradyard.analysis")
+
+
+def live_analysis(storage: Storage, rank: int, *, at_step: int = 5, metrics: Any = None,
+                  timer: Any = None, batch_size: Optional[int] = None) -> CensusCallback:
+    def sink(record) -> None:
+        if rank != 0:
+            return
+        from gradyard.analysis.calibrate import load_or_calibrate
+        from gradyard.analysis.verdict import analyze_run
+
+        # On CPU/gloo the profiler cannot see exposed allreduce time; the
+        # telemetry's completion-timed comm hook can.
+        last = getattr(timer, "last_phases", None) or {}
+        if record.phases.comm_source == "not measured" and "comm_exposed" in last:
+            exposed = float(last["comm_exposed"])
+            record.phases.comm_exposed_s = exposed
+            record.phases.backward_s = max(0.0, record.phases.backward_s - exposed)
+            record.phases.comm_source = "telemetry comm hook"
+        if record.profile is None:
+            # Cached per device after the first time: a quick calibration (~0.5 s on CPU).
+            record.profile = load_or_calibrate(quick=True)
+        verdict = analyze_run(record.to_dict(), record.profile)
+        for name, payload in (("step.json", record.to_dict()), ("verdict.json", verdict.to_dict())):
+            blob = json.dumps(payload, indent=1, default=str).encode()
+
+            def put(name=name, blob=blob):
+                with storage.fs.open(storage.join("analysis", name), "wb") as f:
+                    f.write(blob)
+
+            with_retries(put, what=f"write analysis/{name}", log=log.warning)
+        if metrics is not None:
+            metrics.set_regime(verdict.regime, verdict.numbers)
+        shown = [f"{k} {v:.3g}" for k, v in verdict.numbers.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)][:5]
+        print(f"[analysis] step {record.step}: {verdict.regime}-bound ({', '.join(shown)})", flush=True)
+
+    return CensusCallback(at_step=at_step, sink=sink, batch_size=batch_size)
