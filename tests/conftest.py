@@ -32,7 +32,12 @@ os.environ.update({
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "token",
     "PYTHONUNBUFFERED": "1",
+    # Ray swaps 127.0.0.1 for the machine's routable address unless told this
+    # is a one-machine cluster: the shared cluster and its clients say so.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 })
+# `ray job submit` entrypoints run `python` from PATH: make it this venv's.
+os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 os.environ.pop("AWS_ENDPOINT_URL", None)
 os.environ.pop("AWS_ENDPOINT_URL_S3", None)
 os.environ.pop("AWS_PROFILE", None)
@@ -56,27 +61,48 @@ def free_port() -> int:
 
 
 class RayCluster:
-    def __init__(self):
+    """A Ray cluster started with Ray's CLI, every address on loopback.
+
+    The shared session cluster is one node on 127.0.0.1.  Multi-node clusters
+    put each node on its own loopback address (127.0.0.2, 127.0.0.3, ...):
+    Ray would swap 127.0.0.1 for the machine's routable address once it is
+    allowed more than one node, but leaves other 127.x addresses alone.
+    """
+
+    def __init__(self, ip: str = "127.0.0.1", num_cpus: int = 4):
+        self.ip = ip
+        self.num_cpus = num_cpus
         self.temp_dir = tempfile.mkdtemp(prefix="gyray-", dir="/tmp")
+        self.tag = uuid.uuid4().hex
         self.port = free_port()
         self.dashboard_port = free_port()
-        self.extra_nodes: list[str] = []
+
+    @property
+    def env(self) -> dict:
+        # One node on 127.0.0.1 only when Ray is told it is a one-machine cluster.
+        return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if self.ip == "127.0.0.1" else "1",
+                # Every process of this cluster inherits the tag, so stop() finds
+                # them all (Ray renames its processes: command lines do not tell).
+                "GRADYARD_TEST_CLUSTER": self.tag,
+                # Notice a lost node in seconds, not the production default's ~30 s.
+                "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                "RAY_health_check_failure_threshold": "3"}
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.ip}:{self.port}"
 
     @property
     def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
+        return f"http://{self.ip}:{self.dashboard_port}"
 
-    def ray(self, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    def ray(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run([str(VENV_BIN / "ray"), *args], capture_output=True, text=True,
-                              check=check, env={**os.environ, **(env or {})}, timeout=180)
+                              check=check, env={**os.environ, **self.env}, timeout=180)
 
     def start(self) -> "RayCluster":
-        self.ray("start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
-                 "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        self.ray("start", "--head", f"--port={self.port}", f"--node-ip-address={self.ip}",
+                 f"--num-cpus={self.num_cpus}", "--include-dashboard=true", f"--dashboard-host={self.ip}",
                  f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}",
                  "--object-store-memory=300000000", "--disable-usage-stats",
                  f"--ray-client-server-port={free_port()}", f"--min-worker-port={20000}",
@@ -84,25 +110,39 @@ class RayCluster:
                  f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}")
         return self
 
-    def add_node(self, num_cpus: int = 2, resources: str | None = None) -> None:
-        args = ["start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
+    def add_node(self, ip: str, num_cpus: int = 2, resources: str | None = None) -> int:
+        """Start another node on this machine at loopback ``ip``; returns its node-manager port."""
+        port = free_port()
+        args = ["start", f"--address={self.address}", f"--node-ip-address={ip}",
                 f"--num-cpus={num_cpus}", "--object-store-memory=200000000",
+                f"--node-manager-port={port}", f"--object-manager-port={free_port()}",
                 f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
                 f"--runtime-env-agent-port={free_port()}"]
         if resources:
             args.append(f"--resources={resources}")
         self.ray(*args)
+        return port
+
+    def kill_node(self, port: int) -> None:
+        """Lose a node: SIGKILL its raylet (its workers share its fate)."""
+        import psutil
+
+        for proc in psutil.process_iter(["cmdline", "name"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if "raylet" in (proc.info["name"] or "") and f"--node_manager_port={port}" in cmd:
+                proc.kill()
 
     def stop(self) -> None:
         # Not `ray stop`: it would take down every Ray cluster on the machine.
         import psutil
 
+        me = os.getpid()
         mine = []
-        for proc in psutil.process_iter(["cmdline"]):
+        for proc in psutil.process_iter(["pid"]):
             try:
-                if any(self.temp_dir in part for part in proc.info["cmdline"] or []):
+                if proc.pid != me and proc.environ().get("GRADYARD_TEST_CLUSTER") == self.tag:
                     mine.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
         for proc in mine:
             try:

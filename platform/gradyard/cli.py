@@ -10,6 +10,8 @@ from pathlib import Path
 
 from gradyard.job import JobError, load_job
 from gradyard.storage import StorageError, redact
+from gradyard.submit import SubmitError
+from gradyard.submit import add_commands as add_submit_commands
 
 JOBS_DIR_ENV = "GRADYARD_JOBS_DIR"
 
@@ -85,11 +87,11 @@ def cmd_run(args) -> int:
 
     spec = load_job(args.file, args.overrides)
     summary = run_job(spec, address=args.address, storage_url=args.storage, fresh=args.fresh)
-    _print_summary(summary, args)
+    print_summary(summary)
     return 0
 
 
-def _print_summary(summary: dict, args) -> None:
+def print_summary(summary: dict) -> None:
     m = summary.get("metrics", {})
     acc = m.get("test_accuracy")
     line = f"[{summary['job']}] finished: {summary['steps']} steps, {summary['epochs']} epochs"
@@ -189,12 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--endpoint-url")
     e.set_defaults(fn=cmd_export)
 
-    try:
-        from gradyard import submit as _submit
-
-        _submit.add_commands(sub)
-    except ImportError:
-        pass
+    add_submit_commands(sub)
     cal = sub.add_parser("calibrate", help="measure this device's FLOP/s, bandwidth, overhead")
     cal.add_argument("--json", action="store_true")
     cal.add_argument("--quick", action="store_true", help="fewer, smaller measurements")
@@ -234,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args) or 0
-    except (JobError, StorageError, CLIError) as exc:
+    except (JobError, StorageError, CLIError, SubmitError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -80,6 +80,16 @@ def root_cause(exc: BaseException) -> str:
     return redact(lines[-1]) if lines else type(exc).__name__
 
 
+def _controller_lost(exc: BaseException) -> bool:
+    names = set()
+    seen: Optional[BaseException] = exc
+    while seen is not None:
+        names.add(type(seen).__name__)
+        seen = seen.__cause__ or seen.__context__
+    return bool(names & {"ActorDiedError", "RayActorError", "NodeDiedError", "ActorUnavailableError",
+                         "OwnerDiedError"})
+
+
 def run_job(spec: JobSpec, *, address: Optional[str] = None, storage_url: Optional[str] = None,
             fresh: bool = False, on_cluster: bool = False, faults: Optional[dict] = None) -> dict:
     """Train ``spec`` on Ray Train and return the run's summary."""
@@ -106,26 +116,40 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, storage_url: Option
             # placement-group cleaner polls; loopback only.
             ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                      log_to_driver=True)
-    trainer = TorchTrainer(
-        run_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "storage": run.spec(),
-                           "launcher": "ray",
-                           # Test-only fault injection (see gradyard.testing.faults).
-                           "faults": faults or json.loads(os.environ.get("GRADYARD_FAULTS", "null"))},
-        scaling_config=scaling_config(spec),
-        run_config=RunConfig(
-            name=spec.name,
-            storage_path=base.root_path,
-            storage_filesystem=base.to_pyarrow(),
-            failure_config=FailureConfig(max_failures=spec.failure.max_failures),
-        ),
-    )
+
+    def make_trainer() -> TorchTrainer:
+        return TorchTrainer(
+            run_worker,
+            train_loop_config={"spec": spec.model_dump(mode="json"), "storage": run.spec(),
+                               "launcher": "ray",
+                               # Test-only fault injection (see gradyard.testing.faults).
+                               "faults": faults or json.loads(os.environ.get("GRADYARD_FAULTS", "null"))},
+            scaling_config=scaling_config(spec),
+            run_config=RunConfig(
+                name=spec.name,
+                storage_path=base.root_path,
+                storage_filesystem=base.to_pyarrow(),
+                failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+            ),
+        )
+
     print(f"[{spec.name}] training on Ray: {spec.scaling.num_workers} worker(s), run directory "
           f"{redact(run.url)}", flush=True)
-    try:
-        trainer.fit()
-    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause only
-        raise RunError(root_cause(exc)) from None
+    relaunches = 0
+    while True:
+        try:
+            make_trainer().fit()
+            break
+        except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause only
+            # Ray Train restarts lost workers itself; a lost node can also take
+            # the train controller with it, which ends fit().  Start again:
+            # the workers resume from the newest complete checkpoint.
+            if _controller_lost(exc) and relaunches < max(spec.failure.max_failures, 0):
+                relaunches += 1
+                print(f"[{spec.name}] the training controller was lost ({root_cause(exc)}); "
+                      "resuming from the newest checkpoint", flush=True)
+                continue
+            raise RunError(root_cause(exc)) from None
     try:
         with run.fs.open(run.join("summary.json"), "rb") as f:
             summary = json.loads(f.read())

@@ -68,8 +68,13 @@ class Storage:
                        self.endpoint_url, self.region)
 
     def spec(self) -> dict:
-        """What a worker needs to rebuild this storage (no credentials)."""
-        return {"url": self.url, "endpoint_url": self.endpoint_url, "region": self.region}
+        """What a worker needs to rebuild this storage (no credentials).
+
+        Local paths travel as absolute paths: a worker's working directory is
+        not the driver's.
+        """
+        url = self.root_path if self.is_local else self.url
+        return {"url": url, "endpoint_url": self.endpoint_url, "region": self.region}
 
     def to_pyarrow(self):
         """The same location as a pyarrow filesystem, for Ray Train's RunConfig."""

@@ -216,6 +216,10 @@ def run_worker(config: dict) -> dict:
             "finished_at": _dt.datetime.now().isoformat(),
             "wall_seconds": round(time.time() - attempt["started_at"], 3),
             "attempt_wall_seconds": round(time.time() - t_start, 3),
+            # This attempt's: time.time() of its first step's end, and its rate after
+            # trainer.STEADY_AFTER_STEPS steps (checkpoint stalls included).
+            "first_step_at": trainer.clock.first_step_at,
+            "steady_steps_per_second": trainer.clock.steady_steps_per_second(),
             "model_sha256": tensor_digest(s.model.state_dict()),
             "optimizer_sha256": tensor_digest(s.optimizer.state_dict()),
             "checkpoints": {

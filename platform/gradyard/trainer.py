@@ -77,6 +77,40 @@ class TrainState:
     stop: bool = False
 
 
+STEADY_AFTER_STEPS = 10
+"""Steps of each attempt left out of the steady-state rate: warm-up, the first
+step's FLOP count and the analysis census (steps 2-6) are not steady state."""
+
+
+class StepClock:
+    """Wall-clock marks of this attempt's steps, for the summary (always on, two clock reads a step).
+
+    A step ends after BATCH_END, so a checkpoint's blocked time counts as training time.
+    """
+
+    def __init__(self, skip: int = STEADY_AFTER_STEPS):
+        self.skip = skip
+        self.steps = 0
+        self.first_step_at: Optional[float] = None
+        """time.time() when this attempt's first step ended (start-up and resume latency)."""
+        self._from = self._last = None  # (perf_counter, step)
+
+    def tick(self, step: int) -> None:
+        now = time.perf_counter()
+        self.steps += 1
+        if self.steps == 1:
+            self.first_step_at = time.time()
+        if self.steps == self.skip:
+            self._from = (now, step)
+        self._last = (now, step)
+
+    def steady_steps_per_second(self) -> Optional[float]:
+        """Steps per second after the first ``skip`` steps of this attempt; None if too few steps."""
+        if self._from is None or self._last[1] <= self._from[1]:
+            return None
+        return (self._last[1] - self._from[1]) / (self._last[0] - self._from[0])
+
+
 def rng_state() -> dict:
     """This process's RNG states as tensors and plain lists (loadable with weights_only)."""
     np_state = np.random.get_state()
@@ -147,6 +181,7 @@ class Trainer:
             ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
             storage=storage, run_id=run_id, trainer=self, info=self.info)
         self.history: list[dict] = []
+        self.clock = StepClock()
         self._epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
 
     # ------------------------------------------------------------ Stateful
@@ -351,6 +386,7 @@ class Trainer:
             targets = targets.to(s.device, non_blocking=True)
             self.train_step(inputs, targets)
             self.fire(Event.BATCH_END)
+            self.clock.tick(s.step)
             if s.stop:
                 return
         epoch_finished = exhausted

@@ -250,7 +250,12 @@ def measure_allreduce_busbw(group: Any = None, dev: Optional[torch.device] = Non
 
 
 def calibrate(device: Optional[torch.device | str] = None, group: Any = None, quick: bool = False) -> DeviceProfile:
-    """Measure this device's roof. With ``torch.distributed`` initialised, every rank must call it."""
+    """Measure this device's roof.
+
+    The allreduce is measured only when ``group`` is given (e.g.
+    ``dist.group.WORLD``), and then every rank of it must call: a collective
+    started by one rank alone would wait forever on the others.
+    """
     dev = _resolve(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -262,7 +267,7 @@ def calibrate(device: Optional[torch.device | str] = None, group: Any = None, qu
             peaks[dt] = flops
     bw = measure_bandwidth(dev, quick)
     overhead = measure_dispatch_overhead(dev, quick)
-    busbw = measure_allreduce_busbw(group, dev=None, quick=quick)
+    busbw = measure_allreduce_busbw(group, dev=None, quick=quick) if group is not None else None
     world = None
     if busbw is not None:
         import torch.distributed as dist

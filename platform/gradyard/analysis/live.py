@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any, Optional
+
+# Kineto (the profiler's backend) logs CUDA probing errors even on CPU-only
+# hosts; read when the profiler first starts, so this must come before.
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 from gradyard.analysis.callback import CensusCallback
 from gradyard.storage import Storage, with_retries

@@ -1,0 +1,146 @@
+"""`ray job submit` and `gradyard submit` against a real Ray cluster, on one and two nodes."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import uuid
+
+import pytest
+from ray.job_submission import JobSubmissionClient
+
+from conftest import JOBS, ROOT, VENV_BIN, RayCluster, run_cli, wait_until
+from gradyard.checkpoint import list_checkpoints
+from gradyard.storage import open_storage
+
+pytestmark = [pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """Head on 127.0.0.2 (with the dashboard) and a worker node on 127.0.0.3, via Ray's CLI."""
+    cluster = RayCluster(ip="127.0.0.2", num_cpus=2).start()
+    cluster.worker_port = cluster.add_node("127.0.0.3", num_cpus=2)
+    client = JobSubmissionClient(cluster.dashboard)
+    wait_until(lambda: len(client.get_version()) > 0, timeout=30, what="dashboard")
+    yield cluster
+    cluster.stop()
+
+
+
+
+def test_gradyard_submit_refuses_a_broken_job_before_the_cluster(ray_cluster, tmp_path):
+    bad = ROOT / f"jobs-broken-{uuid.uuid4().hex[:6]}.yaml"
+    bad.write_text((JOBS / "circles.yaml").read_text().replace("lr: 0.01", "lr: -3"))
+    try:
+        r = run_cli("submit", str(bad), "--address", ray_cluster.dashboard, "--wait", timeout=120)
+    finally:
+        bad.unlink()
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and "ray." not in r.stderr.lower().split("error")[0]
+    assert r.stderr.startswith("error: ")
+    assert "optimizer.lr: input should be greater than 0" in r.stderr
+    validate = run_cli("validate", str(JOBS / "circles.yaml"), "--set", "optimizer.lr=-3", timeout=60)
+    assert "optimizer.lr: input should be greater than 0" in validate.stderr
+
+
+def test_a_job_failing_on_the_cluster_fails_wait_with_its_error(ray_cluster):
+    r = run_cli("submit", "jobs/fashion-cnn.yaml", "--address", ray_cluster.dashboard, "--wait",
+                "--quiet", "--set", "data.source=/nonexistent/FashionMNIST", timeout=300)
+    assert r.returncode == 1
+    assert "data.source: nothing at /nonexistent/FashionMNIST" in r.stderr
+    assert "Traceback" not in r.stderr
+    job_id = r.stdout.strip().splitlines()[0]
+    st = run_cli("status", job_id, "--address", ray_cluster.dashboard, timeout=60)
+    assert "FAILED" in st.stdout
+
+
+
+
+@pytest.mark.multinode
+def test_ray_job_submit_exactly_as_the_readme_shows(two_nodes, s3):
+    ray_cluster = two_nodes
+    job_id = f"gy-{uuid.uuid4().hex[:8]}"
+    run_url = f"s3://gradyard-test/submit-{job_id}"
+    # The README's command line, with the S3 test server as storage.
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard,
+           "--working-dir", ".", "--submission-id", job_id, "--",
+           "python", "-m", "gradyard.launch", "jobs/circles.yaml",
+           "--set", "schedule.epochs=2", "--set", f"storage.url={run_url}",
+           "--set", f"storage.endpoint_url={s3.endpoint}"]
+    readme = (ROOT / "README.md").read_text()
+    assert "ray job submit --address http://HEAD:8265 --working-dir . -- python -m gradyard.launch jobs/" in readme
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    except subprocess.TimeoutExpired:
+        logs = run_cli("logs", job_id, "--address", ray_cluster.dashboard, timeout=60)
+        pytest.fail(f"ray job submit did not finish; job logs:\n{logs.stdout[-5000:]}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+
+    status = run_cli("status", job_id, "--address", ray_cluster.dashboard, timeout=60)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout
+    logs = run_cli("logs", job_id, "--address", ray_cluster.dashboard, timeout=60)
+    assert logs.returncode == 0
+    assert "[circles] finished: 26 steps, 2 epochs" in logs.stdout
+    storage = open_storage(f"{run_url}/circles", endpoint_url=s3.endpoint)
+    infos = list_checkpoints(storage)
+    assert infos and infos[-1].status == "complete" and infos[-1].step == 26
+    assert storage.fs.exists(storage.join("summary.json"))
+
+
+def _submit_and_wait(cluster, *args: str, env: dict | None = None, timeout: float = 400) -> dict:
+    client = JobSubmissionClient(cluster.dashboard)
+    job_id = client.submit_job(
+        entrypoint="python -m gradyard.launch " + shlex.join(args),
+        runtime_env={"working_dir": str(ROOT), "env_vars": env or {}})
+    status = wait_until(lambda: (s := str(client.get_job_status(job_id).value)) in
+                        ("SUCCEEDED", "FAILED", "STOPPED") and s, timeout=timeout, interval=1,
+                        what=f"job {job_id}")
+    assert status == "SUCCEEDED", client.get_job_logs(job_id)[-4000:]
+    return client.get_job_logs(job_id)
+
+
+@pytest.mark.multinode
+def test_spread_puts_one_worker_on_each_node_and_trains_over_gloo(two_nodes, tmp_path):
+    _submit_and_wait(two_nodes, "jobs/circles.yaml", "--set", "schedule.epochs=4",
+                     "--set", "scaling.placement=STRICT_SPREAD", "--set", "telemetry.enabled=false",
+                     "--storage", str(tmp_path))
+    summary = json.loads((tmp_path / "circles" / "summary.json").read_text())
+    ranks = {r["rank"]: r for r in summary["ranks"]}
+    assert len(ranks) == 2 and ranks[0]["node"] != ranks[1]["node"], summary["ranks"]
+    assert {r["node_ip"] for r in ranks.values()} == {"127.0.0.2", "127.0.0.3"}
+    assert summary["metrics"]["test_accuracy"] > 0.9  # DDP over gloo between the nodes learned
+
+
+@pytest.mark.multinode
+def test_losing_a_worker_node_continues_elastically_on_what_is_left(two_nodes, tmp_path):
+    """Shows which: with num_workers [1, 2] and 2 CPUs per worker (one worker per
+    node), the job resumes from its newest checkpoint on the capacity left (1
+    worker on the head) instead of waiting for the node to come back.
+    Runs last in this module: it takes the second node away."""
+    ckpts = tmp_path / "circles" / "checkpoints"
+
+    def lose_node_after_first_checkpoint():
+        wait_until(lambda: ckpts.is_dir() and any((p / "manifest.json").exists() for p in ckpts.iterdir()),
+                   timeout=300, what="a complete checkpoint")
+        two_nodes.kill_node(two_nodes.worker_port)
+
+    import threading
+
+    t = threading.Thread(target=lose_node_after_first_checkpoint, daemon=True)
+    t.start()
+    logs = _submit_and_wait(
+        two_nodes, "jobs/circles.yaml", "--set", "schedule.epochs=3", "--set", "scaling.num_workers=[1, 2]",
+        "--set", "scaling.placement=SPREAD", "--set", "scaling.resources_per_worker={CPU: 2}",
+        "--set", "checkpoint.every_steps=5",
+        "--set", "failure.max_failures=3", "--set", "telemetry.enabled=false", "--storage", str(tmp_path),
+        env={"GRADYARD_FAULTS": json.dumps({"sleep_per_step": 0.2})}, timeout=500)
+    t.join(5)
+    summary = json.loads((tmp_path / "circles" / "summary.json").read_text())
+    assert summary["restarts"] >= 1, logs[-3000:]
+    assert summary["resumed_from_step"] and summary["resumed_from_step"] > 0
+    assert summary["world_size"] == 1, "continued on the capacity left"
+    assert {r["node_ip"] for r in summary["ranks"]} == {"127.0.0.2"}
+    assert "resumed from checkpoint at step" in logs
