@@ -38,6 +38,11 @@ os.environ.update({
 })
 # `ray job submit` entrypoints run `python` from PATH: make it this venv's.
 os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+# Workers inherit these from the cluster: device profiles and Prometheus
+# file_sd targets stay inside this test session.
+_SESSION_DIR = tempfile.mkdtemp(prefix="gytest-")
+os.environ["GRADYARD_PROFILE_DIR"] = os.path.join(_SESSION_DIR, "profiles")
+os.environ["GRADYARD_PROMETHEUS_SD_DIR"] = os.path.join(_SESSION_DIR, "prometheus_sd")
 os.environ.pop("AWS_ENDPOINT_URL", None)
 os.environ.pop("AWS_ENDPOINT_URL_S3", None)
 os.environ.pop("AWS_PROFILE", None)

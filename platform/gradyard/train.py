@@ -125,7 +125,8 @@ def build_callbacks(spec: JobSpec, storage: Storage, info: DistInfo, launcher: s
     if spec.telemetry.enabled:
         from gradyard.telemetry import StepTimer, build_telemetry_callbacks, find_metrics
 
-        telemetry = build_telemetry_callbacks(spec, host=info.node_ip if launcher == "ray" else None)
+        telemetry = build_telemetry_callbacks(spec, host=info.node_ip if launcher == "ray" else None,
+                                              peak_profile=_device_profile(spec, info))
         cbs.extend(telemetry)
         metrics = find_metrics(telemetry)
         timer = next((cb for cb in telemetry if isinstance(cb, StepTimer)), None)
@@ -142,6 +143,23 @@ def build_callbacks(spec: JobSpec, storage: Storage, info: DistInfo, launcher: s
     if launcher == "ray":
         cbs.append(RayReportCallback())
     return cbs
+
+
+def _device_profile(spec: JobSpec, info: DistInfo):
+    """This worker's calibrated device profile: MFU is measured against it.
+
+    Cached per device (and CPU thread count); the first run on a device pays a
+    quick calibration (about a second) before training starts.
+    """
+    from gradyard.analysis.calibrate import load_or_calibrate
+
+    use_cuda = spec.scaling.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", info.local_rank) if use_cuda else torch.device("cpu")
+    try:
+        return load_or_calibrate(device, quick=True)
+    except Exception as exc:  # noqa: BLE001 - no calibration means no MFU, not no training
+        log.warning("device calibration failed (%s); MFU will use published peaks only", exc)
+        return None
 
 
 def _resume(trainer: Trainer, storage: Storage) -> int | None:

@@ -1,0 +1,77 @@
+"""A real 2-worker gradyard job on Ray, scraped by a real Prometheus; every dashboard query runs."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import JOBS, wait_until
+from gradyard.job import load_job
+from gradyard.runner import run_job
+from test_telemetry import Prometheus, gpu_only, panel_queries, prometheus_binary
+
+pytestmark = [pytest.mark.ray, pytest.mark.prometheus]
+
+
+def value(prom, expr: str) -> float:
+    result = prom.query(expr)
+    assert result, f"no series for {expr}"
+    return float(result[0]["value"][1])
+
+
+def test_ray_job_metrics_answer_every_dashboard_panel(ray_cluster, tmp_path):
+    sd_dir = Path(os.environ["GRADYARD_PROMETHEUS_SD_DIR"])
+    sd_dir.mkdir(parents=True, exist_ok=True)
+    prom = Prometheus(prometheus_binary(), tmp_path, sd_dir)
+    spec = load_job(JOBS / "fashion-cnn.yaml", [
+        "data.source=synthetic", "data.num_samples=4096", "schedule.epochs=null", "schedule.steps=150",
+        "telemetry.measure_flops_every=50", "checkpoint.every_steps=50", "scaling.num_workers=2"])
+    result: dict = {}
+
+    def train():
+        try:
+            result["summary"] = run_job(spec, storage_url=str(tmp_path / "runs"),
+                                        faults={"sleep_per_step": 0.1})
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            result["error"] = exc
+
+    t = threading.Thread(target=train, daemon=True)
+    try:
+        prom.wait_ready(time.monotonic() + 30)
+        t.start()
+        # Both ranks scraped, past the live analysis (step 7) and a measured-FLOPs step.
+        wait_until(lambda: "error" in result or len(prom.query("gradyard_steps_total > 60")) == 2,
+                   timeout=240, interval=1, what="both workers scraped past step 60")
+        assert "error" not in result, result.get("error")
+        time.sleep(3)   # a few more scrapes for rate() windows
+        for title, expr in panel_queries():
+            series = prom.query(expr)
+            if gpu_only(expr):
+                assert series == [], f"{title}: GPU series must be absent on CPU ({expr})"
+            else:
+                assert series, f"{title}: no series for {expr}"
+
+        for rank in ("0", "1"):
+            sel = f'{{job="fashion-cnn",rank="{rank}"}}'
+            step_s = value(prom, f"gradyard_step_seconds_total{sel}")
+            phases = value(prom, f"sum(gradyard_step_phase_seconds_total{sel})")
+            assert abs(phases - step_s) <= 0.1 * step_s, (rank, phases, step_s)
+            from gradyard.data import build_datasets
+            from gradyard.models import build_model
+            from gradyard.telemetry.comm import gradient_bytes
+
+            grad_bytes = gradient_bytes(build_model(spec, build_datasets(spec)[2]))
+            assert value(prom, f"gradyard_allreduce_step_bytes{sel}") == grad_bytes
+            assert 0 < value(prom, f"gradyard_mfu_ratio{sel}") < 1
+        regimes = prom.query('gradyard_regime_info{job="fashion-cnn"} == 1')
+        assert len(regimes) == 1
+        assert regimes[0]["metric"]["regime"] in ("compute", "memory", "overhead", "communication", "input")
+        t.join(240)
+        assert "summary" in result, result.get("error")
+        assert result["summary"]["steps"] == 150
+    finally:
+        prom.stop()
