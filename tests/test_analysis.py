@@ -307,11 +307,20 @@ def test_sleeping_loader_is_input_bound(cpu_profile):
 def test_huge_gradient_over_gloo_is_communication_bound(cpu_profile, tmp_path):
     out = tmp_path / "rank0.json"
     numel = 8 * 2 ** 20  # 32 MiB of fp32 gradient, one bucket
-    mp.spawn(workloads.ddp_comm_probe, args=(2, free_port(), numel, str(out)), nprocs=2, join=True)
-    result = json.loads(out.read_text())
+
+    def measure():
+        # Bus bandwidth is measured in the same processes, just before the step;
+        # on a loaded 2-core machine one pair of measurements can still disagree.
+        mp.spawn(workloads.ddp_comm_probe, args=(2, free_port(), numel, str(out)), nprocs=2, join=True)
+        result = json.loads(out.read_text())
+        profile = dataclasses.replace(cpu_profile, allreduce_busbw_bytes_per_s=result["busbw"],
+                                      allreduce_world_size=2)
+        verdict = analyze_run(result["record"], profile)
+        return result, verdict
+
+    result, verdict = _attempts(measure, lambda rv: 0.2 < rv[0]["record"]["phases"]["comm_exposed_s"]
+                                / rv[1].numbers["allreduce_ideal_s"] < 5)
     assert result["busbw"] > 0
-    profile = dataclasses.replace(cpu_profile, allreduce_busbw_bytes_per_s=result["busbw"], allreduce_world_size=2)
-    verdict = analyze_run(result["record"], profile)
     assert verdict.regime == "communication", verdict.to_json()
     n = verdict.numbers
     assert n["comm_bytes_per_step"] == numel * 4  # the census saw DDP's allreduce

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import uuid
@@ -84,6 +85,9 @@ def test_ray_job_submit_exactly_as_the_readme_shows(two_nodes, s3):
     logs = run_cli("logs", job_id, "--address", ray_cluster.dashboard, timeout=60)
     assert logs.returncode == 0
     assert "[circles] finished: 26 steps, 2 epochs" in logs.stdout
+    token = os.environ["RAY_AUTH_TOKEN"]
+    for text in (r.stdout, r.stderr, status.stdout, status.stderr, logs.stdout, logs.stderr):
+        assert token not in text
     storage = open_storage(f"{run_url}/circles", endpoint_url=s3.endpoint)
     infos = list_checkpoints(storage)
     assert infos and infos[-1].status == "complete" and infos[-1].step == 26

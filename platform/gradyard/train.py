@@ -101,12 +101,18 @@ def _record_attempt(storage: Storage) -> dict:
 
 
 class RayReportCallback(Callback):
-    """Reports metrics to Ray Train after every evaluation (every rank calls report)."""
+    """Reports the final metrics to Ray Train (every rank calls report).
+
+    Once, at the end: each ``ray.train.report`` is a barrier across the
+    worker group through Ray Train's controller, which costs about a second
+    (measured: 25 epochs of circles took 50 s reporting every epoch, 5.5 s
+    without).  Live metrics go to Prometheus instead.
+    """
 
     name = "ray_report"
 
     def on_event(self, event: Event, state) -> None:
-        if event is Event.EVAL_END:
+        if event is Event.FIT_END:
             import ray.train
 
             ray.train.report({k: v for k, v in state.metrics.items()
