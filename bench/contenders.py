@@ -1,0 +1,220 @@
+"""One workload, trained the ways it is compared: plain torchrun DDP, plain Ray Train, gradyard.
+
+gradyard runs as ``gradyard run`` on the bench's Ray cluster (checkpoints to
+local disk or to S3) and, to split a gap into its code and Ray's, as its bare
+worker under ``torchrun -m gradyard.train``.
+
+Every contender reports its own in-loop timing: the time of the end of its
+first step (``first_step_at``) and its steps per second after the first 10
+steps of the run (``steady_steps_per_second``; checkpoint stalls included).
+gradyard writes both into its summary.json; the plain scripts into ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from bench.env import BUCKET, JOBS, PY, SCRIPTS, VENV_BIN, Bench, read_json
+
+
+@dataclass(frozen=True)
+class Workload:
+    job: str
+    """Job file under jobs/ (its model, optimizer and seed are kept; data becomes synthetic)."""
+    steps: int
+    checkpoint_every: int
+    batch_size: Optional[int] = None
+    """Per-worker batch; the job's own when None."""
+    workers: int = 2
+    telemetry: bool = True
+
+    def _base_spec(self):
+        from gradyard.job import load_job
+
+        return load_job(JOBS / f"{self.job}.yaml", ["data.source=synthetic"])
+
+    @property
+    def batch(self) -> int:
+        return self.batch_size or self._base_spec().data.batch_size
+
+    @property
+    def train_samples(self) -> int:
+        """Enough for every step to fall in the first epoch (no epoch-end work inside the timing)."""
+        return (self.steps + 1) * self.batch * self.workers
+
+    def overrides(self) -> list[str]:
+        spec = self._base_spec()
+        num_samples = math.ceil(self.train_samples / (1 - spec.data.test_fraction)) + 8
+        return [
+            "data.source=synthetic", f"data.num_samples={num_samples}",
+            f"data.batch_size={self.batch}", "data.loader_workers=0", "data.pin_memory=false",
+            "augmentation=[]", "schedule.epochs=null", f"schedule.steps={self.steps}",
+            "schedule.precision=fp32", "schedule.lr_scheduler.name=none",
+            f"scaling.num_workers={self.workers}", "scaling.use_gpu=false", "scaling.placement=PACK",
+            f"checkpoint.every_steps={self.checkpoint_every}", "checkpoint.every_seconds=null",
+            f"telemetry.enabled={'true' if self.telemetry else 'false'}",
+        ]
+
+    def spec(self):
+        from gradyard.job import load_job
+
+        return load_job(JOBS / f"{self.job}.yaml", self.overrides())
+
+    def shape(self) -> tuple[tuple[int, ...], int]:
+        """(input shape, classes) of the synthetic data gradyard generates for this job."""
+        from gradyard.data.base import image_geometry
+        from gradyard.data.builtin import synthetic_profile
+        from gradyard.models import CATALOGUE
+
+        spec = self.spec()
+        entry = CATALOGUE[spec.model.arch]
+        kind, shape, _, classes = synthetic_profile(spec, entry)
+        assert kind == "image", "the plain scripts know image models only"
+        geometry = image_geometry(spec, entry, native_channels=shape[0], native_size=shape[-1])
+        return tuple(geometry.shape), classes
+
+    def plain_args(self) -> list[str]:
+        spec = self.spec()
+        shape, classes = self.shape()
+        o = spec.optimizer
+        assert o.name == "sgd" and not o.nesterov, "the plain scripts use plain SGD"
+        return ["--model", spec.model.arch, "--shape", ",".join(map(str, shape)),
+                "--classes", str(classes), "--samples", str(self.train_samples),
+                "--steps", str(self.steps), "--batch-size", str(self.batch), "--lr", str(o.lr),
+                "--momentum", str(o.momentum), "--weight-decay", str(o.weight_decay),
+                "--seed", str(spec.schedule.seed), "--checkpoint-every", str(self.checkpoint_every)]
+
+    def check_same_model(self) -> int:
+        """The plain scripts' model has gradyard's parameter count; returns it."""
+        from gradyard.data import build_datasets
+        from gradyard.models import build_model, count_parameters
+
+        from bench.scripts.ddp_torchrun import build_model as plain_model
+
+        spec = self.spec()
+        probe = spec.model_copy(update={"data": spec.data.model_copy(update={"num_samples": 16})})
+        ours = count_parameters(build_model(probe, build_datasets(probe)[2]))[0]
+        shape, classes = self.shape()
+        theirs = sum(p.numel() for p in plain_model(spec.model.arch, shape, classes).parameters())
+        if ours != theirs:
+            raise AssertionError(f"{self.job}: plain model has {theirs} parameters, gradyard's {ours}")
+        return ours
+
+
+def _result(out: dict, t0: float) -> dict:
+    """The figures every contender gives; ``checkpoint_seconds``: training blocked per checkpoint."""
+    blocked = out.get("checkpoint_seconds", out.get("checkpoints", {}).get("blocked_seconds"))
+    return {"steps_per_second": out.get("steady_steps_per_second"),
+            "first_step_at": out.get("first_step_at"), "launched_at": t0,
+            "checkpoint_seconds": [round(x, 4) for x in blocked or []]}
+
+
+def run_torchrun(bench: Bench, wl: Workload) -> tuple[dict, list[str]]:
+    d = bench.fresh("torchrun")
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", f"--nproc-per-node={wl.workers}",
+           str(SCRIPTS / "ddp_torchrun.py"), *wl.plain_args(),
+           "--snapshot-path", str(d / "snapshot.pt"), "--out", str(d / "result.json")]
+    t0 = bench.run(cmd, name="torchrun")
+    out = read_json(d / "result.json")
+    shutil.rmtree(d, ignore_errors=True)
+    return _result(out, t0), cmd
+
+
+def plain_ray_command(wl: Workload, d: Path, address: Optional[str]) -> list[str]:
+    cmd = [PY, str(SCRIPTS / "raytrain_plain.py")]
+    if address:
+        cmd += ["--address", address]
+    return cmd + [*wl.plain_args(), "--workers", str(wl.workers), "--storage", str(d / "ray_results"),
+                  "--out", str(d / "result.json")]
+
+
+def run_ray_train(bench: Bench, wl: Workload, address: Optional[str] = None) -> tuple[dict, list[str]]:
+    d = bench.fresh("raytrain")
+    cmd = plain_ray_command(wl, d, address or bench.cluster.address)
+    t0 = bench.run(cmd, name="raytrain")
+    out = read_json(d / "result.json")
+    shutil.rmtree(d, ignore_errors=True)
+    return _result(out, t0), cmd
+
+
+def gradyard_storage(bench: Bench, kind: str) -> tuple[str, dict]:
+    """A fresh storage URL of the kind (`local` or `s3`) and the environment it needs."""
+    if kind == "local":
+        return str(bench.fresh("gy")), {}
+    return f"s3://{BUCKET}/{bench.unique('run')}", {"AWS_ENDPOINT_URL_S3": bench.s3.endpoint}
+
+
+def read_summary(bench: Bench, storage: str, job_name: str, cleanup: bool = True) -> dict:
+    from gradyard.storage import open_storage
+
+    endpoint = bench.s3.endpoint if storage.startswith("s3://") else None
+    run = open_storage(storage, endpoint_url=endpoint)
+    with run.fs.open(run.join(job_name, "summary.json"), "rb") as f:
+        summary = json.loads(f.read())
+    if cleanup:  # the S3 server holds everything in memory; AlexNet checkpoints are large
+        run.fs.rm(run.root_path, recursive=True)
+    return summary
+
+
+def gradyard_command(bench: Bench, wl: Workload, storage: str, address: Optional[str],
+                     extra: tuple[str, ...] = ()) -> list[str]:
+    cmd = [str(VENV_BIN / "gradyard"), "run", str(JOBS / f"{wl.job}.yaml")]
+    if address:
+        cmd += ["--address", address]
+    cmd += ["--storage", storage]
+    for o in [*wl.overrides(), *extra]:
+        cmd += ["--set", o]
+    return cmd
+
+
+def _s3_cpu_seconds(bench: Bench, storage_kind: str) -> Optional[float]:
+    """CPU seconds the S3 server has used so far (it shares this machine's cores)."""
+    if storage_kind != "s3":
+        return None
+    from bench.env import psutil as _psutil
+
+    psutil = _psutil()
+    t = psutil.Process(bench.s3.proc.pid).cpu_times()
+    return t.user + t.system
+
+
+def _gradyard_result(bench: Bench, wl: Workload, storage: str, t0: float, cpu0) -> dict:
+    summary = read_summary(bench, storage, wl.spec().name)
+    res = _result(summary, t0)
+    res["restarts"] = summary["restarts"]
+    if cpu0 is not None:
+        res["s3_server_cpu_seconds"] = round(_s3_cpu_seconds(bench, "s3") - cpu0, 2)
+    return res
+
+
+def run_gradyard(bench: Bench, wl: Workload, storage_kind: str, *, env: Optional[dict] = None,
+                 extra: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+    """``gradyard run`` on the bench's Ray cluster."""
+    storage, senv = gradyard_storage(bench, storage_kind)
+    cmd = gradyard_command(bench, wl, storage, bench.cluster.address, extra)
+    cpu0 = _s3_cpu_seconds(bench, storage_kind)
+    t0 = bench.run(cmd, name=f"gradyard-{storage_kind}", env={**senv, **(env or {})})
+    return _gradyard_result(bench, wl, storage, t0, cpu0), cmd
+
+
+def gradyard_torchrun_command(wl: Workload, storage: str) -> list[str]:
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", f"--nproc-per-node={wl.workers}",
+           "-m", "gradyard.train", str(JOBS / f"{wl.job}.yaml"), "--storage", storage]
+    for o in wl.overrides():
+        cmd += ["--set", o]
+    return cmd
+
+
+def run_gradyard_torchrun(bench: Bench, wl: Workload, storage_kind: str = "local") -> tuple[dict, list[str]]:
+    """gradyard's worker code without Ray: ``torchrun -m gradyard.train`` (it splits a gap to torchrun
+    into gradyard's code and Ray's)."""
+    storage, senv = gradyard_storage(bench, storage_kind)
+    cmd = gradyard_torchrun_command(wl, storage)
+    cpu0 = _s3_cpu_seconds(bench, storage_kind)
+    t0 = bench.run(cmd, name="gradyard-torchrun", env=senv)
+    return _gradyard_result(bench, wl, storage, t0, cpu0), cmd

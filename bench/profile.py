@@ -1,0 +1,144 @@
+"""Where a gradyard worker's time goes: py-spy samples of its Ray workers, sorted into phases.
+
+One more gradyard run of the benchmark's workload on the bench's Ray cluster,
+with ``py-spy record --nonblocking`` attached to both RayTrainWorker processes.
+Rank 0 (the one whose samples show the checkpoint writer) is reported: its
+samples inside the training loop are sorted into model compute (forward,
+backward with DDP's allreduce, optimizer), data loading, and each gradyard
+component met on the way (the outermost gradyard frame below the trainer
+names it).  Samples of its background checkpoint writer thread, and of the
+process's other threads and start-up, are counted beside the loop's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+
+from bench.contenders import Workload, gradyard_command, gradyard_storage, read_summary
+from bench.env import ROOT, VENV_BIN, Bench
+
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
+_LOOP_FILES = ("gradyard/trainer.py", "gradyard/train.py")
+_COMPUTE_FILES = ("gradyard/models.py",)
+
+
+def _frames(stack: str) -> list[tuple[str, str]]:
+    out = []
+    for part in stack.split(";"):
+        m = _FRAME.match(part.strip())
+        if m:
+            out.append((m["func"], m["file"]))
+    return out
+
+
+def categorize(frames: list[tuple[str, str]]) -> str:
+    """The phase or gradyard component one sample belongs to (root-to-leaf frames)."""
+    if any(func == "CheckpointWriter._run" for func, _ in frames):
+        return "background: checkpoint writer thread"
+    if not any(func == "Trainer.fit" for func, _ in frames):
+        return "outside the training loop"
+    for func, file in frames:
+        if "gradyard/" in file and not file.endswith(_LOOP_FILES + _COMPUTE_FILES):
+            module = file[file.index("gradyard/"):].removesuffix(".py").replace("/", ".")
+            return f"gradyard: {module} ({func.split('.')[0]})"
+    funcs = [f for f, _ in frames]
+    if any("backward" in f for f in funcs):
+        return "compute: backward + DDP allreduce"
+    if any(f.startswith(("Optimizer.", "SGD.", "_single_tensor_sgd", "_multi_tensor_sgd", "sgd"))
+           or "optimizer" in f.lower() for f in funcs):
+        return "compute: optimizer"
+    if any(f in ("Trainer._compute_loss",) or "forward" in f or "_call_impl" in f for f in funcs):
+        return "compute: forward + loss"
+    if any("DataLoader" in f or "_next_data" in f or "fetch" in f or f.endswith("__next__")
+           for f in funcs):
+        return "data loading"
+    return "training loop, other"
+
+
+def parse_raw(text: str) -> dict:
+    """py-spy ``--format raw`` of one process → samples per category."""
+    counts: Counter = Counter()
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            counts[categorize(_frames(stack))] += int(count)
+    loop = sum(v for k, v in counts.items() if k not in _NOT_LOOP)
+    return {"samples": sum(counts.values()), "loop_samples": loop,
+            "categories": {k: {"samples": v, "share_of_loop": v / loop if loop else None}
+                           for k, v in counts.most_common()}}
+
+
+_NOT_LOOP = ("outside the training loop", "background: checkpoint writer thread")
+
+
+def _ray_workers(cluster_dir: str, timeout: float = 180) -> list[int]:
+    """PIDs of the RayTrainWorker processes of the bench's cluster, once there are two."""
+    from bench.env import psutil as _psutil
+
+    psutil = _psutil()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if "RayTrainWorker" not in " ".join(proc.info["cmdline"] or []):
+                    continue
+                parent = proc.parent()
+                if parent is not None and cluster_dir in " ".join(parent.cmdline()):
+                    found.append(proc.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        if len(found) >= 2:
+            return sorted(found)
+        time.sleep(0.2)
+    return []
+
+
+def profile_gradyard(bench: Bench, wl: Workload, storage_kind: str) -> dict:
+    storage, env = gradyard_storage(bench, storage_kind)
+    cmd = gradyard_command(bench, wl, storage, bench.cluster.address)
+    folder = bench.fresh("pyspy")
+    log = open(folder / "run.log", "wb")
+    run = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                           env={**os.environ, **env}, start_new_session=True)
+    spies = []
+    try:
+        for pid in _ray_workers(bench.cluster.temp_dir):
+            out = folder / f"{pid}.txt"
+            spies.append((out, subprocess.Popen(
+                [str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--nonblocking", "--format",
+                 "raw", "--rate", "100", "--output", str(out)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        if run.wait(timeout=900) != 0:
+            raise RuntimeError(f"the profiled run failed (see {folder / 'run.log'})")
+        for _, spy in spies:
+            try:
+                spy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.send_signal(signal.SIGINT)  # py-spy writes what it has on Ctrl-C
+                spy.wait(timeout=30)
+        summary = read_summary(bench, storage, wl.spec().name)
+        pid0 = next(r["pid"] for r in summary["ranks"] if r["rank"] == 0)
+        out0 = folder / f"{pid0}.txt"
+        if not out0.exists():
+            raise RuntimeError(f"py-spy recorded nothing for rank 0 (pid {pid0}); no permission?")
+        rank0 = parse_raw(out0.read_text())
+        rank0["steps_per_second_under_pyspy"] = summary["steady_steps_per_second"]
+    except Exception as exc:  # noqa: BLE001 - a profile that fails must not sink the figures
+        return {"error": f"{type(exc).__name__}: {str(exc)[-500:]}", "command": bench.shown(cmd)}
+    finally:
+        log.close()
+        if run.poll() is None:
+            run.kill()
+        for _, spy in spies:
+            if spy.poll() is None:
+                spy.kill()
+    rank0["command"] = "py-spy record --pid <each RayTrainWorker> --nonblocking --format raw --rate 100, during: " \
+        + bench.shown(cmd)
+    rank0["storage"] = storage_kind
+    return rank0

@@ -1,0 +1,168 @@
+"""Plain PyTorch DDP under torchrun, written the way PyTorch's DDP tutorial writes it.
+
+Shape of pytorch/examples ``distributed/ddp-tutorial-series/multigpu_torchrun.py``:
+``ddp_setup`` / ``Trainer`` with ``_run_batch`` and ``_save_snapshot`` /
+``DistributedSampler``.  No gradyard code: the models are copied here, and the
+benchmark checks that their parameter counts equal gradyard's.  ::
+
+    torchrun --standalone --nproc-per-node 2 bench/scripts/ddp_torchrun.py \\
+        --model fashion_cnn --steps 510 --batch-size 32 --checkpoint-every 100 --out result.json
+
+Rank 0 writes its own in-loop timing to ``--out`` (see ``steady`` below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+WARMUP_STEPS = 10  # the same as gradyard.trainer.STEADY_AFTER_STEPS
+
+
+# ------------------------------------------------------------------ models
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+
+
+class FashionCNN(nn.Module):
+    """FashionMNISTModelV2 (learnpytorch.io): two TinyVGG conv blocks and a Linear head."""
+
+    def __init__(self, channels: int, size: int, classes: int, hidden: int = 10):
+        super().__init__()
+        self.block_1 = conv_block(channels, hidden)
+        self.block_2 = conv_block(hidden, hidden)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(hidden * (size // 4) ** 2, classes))
+
+    def forward(self, x):
+        return self.classifier(self.block_2(self.block_1(x)))
+
+
+def build_model(name: str, shape: tuple, classes: int) -> nn.Module:
+    if name == "fashion_cnn":
+        return FashionCNN(shape[0], shape[-1], classes)
+    if name == "alexnet":
+        return torchvision.models.alexnet(weights=None, num_classes=classes)
+    raise SystemExit(f"unknown model {name}")
+
+
+class SyntheticImages(Dataset):
+    """uint8 images in memory, turned into floats per sample (as ToTensor does)."""
+
+    def __init__(self, n: int, shape: tuple, classes: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
+        self.labels = torch.randint(0, classes, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i].float() / 255.0, self.labels[i]
+
+
+# ------------------------------------------------------------------ the tutorial's shape
+
+
+def ddp_setup():
+    init_process_group(backend="gloo")
+
+
+class Trainer:
+    def __init__(self, model, train_data, optimizer, save_every: int, snapshot_path: str):
+        self.rank = int(os.environ["RANK"])
+        self.model = DDP(model)
+        self.train_data = train_data
+        self.optimizer = optimizer
+        self.save_every = save_every
+        self.snapshot_path = snapshot_path
+        self.step = 0
+        self.marks: list[tuple[int, float]] = []
+        self.checkpoint_seconds: list[float] = []
+        self.first_step_at = None
+
+    def _run_batch(self, source, targets):
+        self.optimizer.zero_grad()
+        output = self.model(source)
+        loss = F.cross_entropy(output, targets)
+        loss.backward()
+        self.optimizer.step()
+
+    def _save_snapshot(self):
+        snapshot = {"MODEL_STATE": self.model.module.state_dict(),
+                    "OPTIMIZER_STATE": self.optimizer.state_dict(), "STEP": self.step}
+        torch.save(snapshot, self.snapshot_path)
+
+    def train(self, max_steps: int):
+        epoch = 0
+        while self.step < max_steps:
+            self.train_data.sampler.set_epoch(epoch)
+            for source, targets in self.train_data:
+                self._run_batch(source, targets)
+                self.step += 1
+                if self.rank == 0 and self.save_every and self.step % self.save_every == 0:
+                    t0 = time.perf_counter()
+                    self._save_snapshot()
+                    self.checkpoint_seconds.append(time.perf_counter() - t0)
+                now = time.perf_counter()
+                if self.step == 1:
+                    self.first_step_at = time.time()
+                if self.step == WARMUP_STEPS or self.step == max_steps:
+                    self.marks.append((self.step, now))
+                if self.step >= max_steps:
+                    break
+            epoch += 1
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--shape", default="1,28,28")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--samples", type=int, required=True, help="training samples (all ranks)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--snapshot-path", default="snapshot.pt")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    shape = tuple(int(x) for x in args.shape.split(","))
+
+    ddp_setup()
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, shape, args.classes)
+    dataset = SyntheticImages(args.samples, shape, args.classes, args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                        sampler=DistributedSampler(dataset, seed=args.seed))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    trainer = Trainer(model, loader, optimizer, args.checkpoint_every, args.snapshot_path)
+    trainer.train(args.steps)
+    if trainer.rank == 0:
+        (s0, t0), (s1, t1) = trainer.marks
+        with open(args.out, "w") as f:
+            json.dump({"steps": trainer.step, "first_step_at": trainer.first_step_at,
+                       "steady_steps_per_second": (s1 - s0) / (t1 - t0),
+                       "checkpoint_seconds": trainer.checkpoint_seconds}, f)
+    destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Plain Ray Train: a ``TorchTrainer`` script as Ray's PyTorch guide writes it, no gradyard code.
+
+``prepare_model`` / ``prepare_data_loader`` / ``ray.train.report`` with a
+``Checkpoint.from_directory`` written by rank 0, as in "Get Started with
+Distributed Training using PyTorch".  The models are copied here; the
+benchmark checks that their parameter counts equal gradyard's.  ::
+
+    python bench/scripts/raytrain_plain.py --address 127.0.0.1:6379 --model fashion_cnn \\
+        --steps 510 --batch-size 32 --checkpoint-every 100 --storage /tmp/ray_results --out result.json
+
+``--address local`` starts a cluster in this process (as a bare ``trainer.fit()``
+would); under ``ray job submit`` leave ``--address`` out.  Rank 0 writes its
+in-loop timing to ``--out`` (a path every worker can reach).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.nn.functional as F
+import torchvision
+from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+WARMUP_STEPS = 10  # the same as gradyard.trainer.STEADY_AFTER_STEPS
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+
+
+class FashionCNN(nn.Module):
+    """FashionMNISTModelV2 (learnpytorch.io): two TinyVGG conv blocks and a Linear head."""
+
+    def __init__(self, channels: int, size: int, classes: int, hidden: int = 10):
+        super().__init__()
+        self.block_1 = conv_block(channels, hidden)
+        self.block_2 = conv_block(hidden, hidden)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(hidden * (size // 4) ** 2, classes))
+
+    def forward(self, x):
+        return self.classifier(self.block_2(self.block_1(x)))
+
+
+def build_model(name: str, shape: tuple, classes: int) -> nn.Module:
+    if name == "fashion_cnn":
+        return FashionCNN(shape[0], shape[-1], classes)
+    if name == "alexnet":
+        return torchvision.models.alexnet(weights=None, num_classes=classes)
+    raise ValueError(f"unknown model {name}")
+
+
+class SyntheticImages(Dataset):
+    """uint8 images in memory, turned into floats per sample (as ToTensor does)."""
+
+    def __init__(self, n: int, shape: tuple, classes: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
+        self.labels = torch.randint(0, classes, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i].float() / 255.0, self.labels[i]
+
+
+def train_func(config: dict):
+    shape = tuple(config["shape"])
+    torch.manual_seed(config["seed"])
+    model = ray.train.torch.prepare_model(build_model(config["model"], shape, config["classes"]))
+    dataset = SyntheticImages(config["samples"], shape, config["classes"], config["seed"])
+    loader = ray.train.torch.prepare_data_loader(
+        DataLoader(dataset, batch_size=config["batch_size"], shuffle=True))
+    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                                weight_decay=config["weight_decay"])
+    rank = ray.train.get_context().get_world_rank()
+    every, max_steps = config["checkpoint_every"], config["steps"]
+    step, epoch, marks, first_step_at, checkpoint_seconds = 0, 0, [], None, []
+    while step < max_steps:
+        if ray.train.get_context().get_world_size() > 1:
+            loader.sampler.set_epoch(epoch)
+        for inputs, targets in loader:
+            loss = F.cross_entropy(model(inputs), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if every and step % every == 0:
+                t0 = time.perf_counter()
+                with tempfile.TemporaryDirectory() as tmp:
+                    checkpoint = None
+                    if rank == 0:
+                        torch.save({"model": model.module.state_dict()
+                                    if hasattr(model, "module") else model.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "step": step},
+                                   os.path.join(tmp, "checkpoint.pt"))
+                        checkpoint = Checkpoint.from_directory(tmp)
+                    ray.train.report({"step": step}, checkpoint=checkpoint)
+                checkpoint_seconds.append(time.perf_counter() - t0)
+            now = time.perf_counter()
+            if step == 1:
+                first_step_at = time.time()
+            if step in (WARMUP_STEPS, max_steps):
+                marks.append((step, now))
+            if step >= max_steps:
+                break
+        epoch += 1
+    if rank == 0:
+        (s0, t0), (s1, t1) = marks
+        with open(config["out"], "w") as f:
+            json.dump({"steps": step, "first_step_at": first_step_at,
+                       "steady_steps_per_second": (s1 - s0) / (t1 - t0),
+                       "checkpoint_seconds": checkpoint_seconds}, f)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--address", help="Ray cluster; `local` starts one here")
+    p.add_argument("--model", required=True)
+    p.add_argument("--shape", default="1,28,28")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--samples", type=int, required=True, help="training samples (all ranks)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--storage", help="RunConfig.storage_path (default ~/ray_results)")
+    p.add_argument("--name", default="plain-raytrain")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    if args.address:
+        ray.init(address=args.address)
+    config = {k: getattr(args, k) for k in ("model", "classes", "samples", "steps", "batch_size",
+                                            "lr", "momentum", "weight_decay", "seed",
+                                            "checkpoint_every")}
+    config["shape"] = [int(x) for x in args.shape.split(",")]
+    config["out"] = os.path.abspath(args.out)
+    trainer = TorchTrainer(train_func, train_loop_config=config,
+                           scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=False),
+                           run_config=RunConfig(name=args.name, storage_path=args.storage))
+    trainer.fit()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""How big each benchmark is: the full run (`make bench`), `--quick`, and the smoke test's size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    repeats: int
+    """Interleaved rounds (A B C, A B C, ...) of every comparison."""
+    fashion_steps: int = 210
+    """Optimizer steps of each fashion-cnn throughput run (the first 10 are warm-up)."""
+    fashion_checkpoint_every: int = 100
+    """Checkpoint interval of the throughput runs, in steps, for every contender."""
+    alexnet_steps: int = 16
+    """Optimizer steps of each AlexNet throughput run; 0 leaves AlexNet out.  With a checkpoint
+    every 8, each contender pays for one checkpoint inside the timing (steps 11-16): its save at
+    step 16, and for gradyard also the rest of step 8's background write, beside steps 9-16."""
+    alexnet_checkpoint_every: int = 8
+    alexnet_batch_size: int = 4
+    """Per-worker batch of AlexNet on CPU (small: the 30-minute budget of `make bench`)."""
+    checkpoint_rounds: int = 5
+    """Checkpoints taken per storage in the AlexNet-state checkpoint benchmark."""
+    recovery_rounds: int = 5
+    """SIGKILLed runs in the recovery benchmark."""
+    short_steps: int = 12
+    """Steps of the start-up and submission runs (only the first one is timed)."""
+    submit_warmup: bool = True
+    """Cache the working directory on the cluster with one untimed submission first."""
+
+    def with_repeats(self, n: int) -> "Size":
+        return replace(self, repeats=n, checkpoint_rounds=n, recovery_rounds=n)
+
+
+FULL = Size("full", repeats=5)
+QUICK = Size("quick", repeats=2, fashion_steps=110, fashion_checkpoint_every=50, alexnet_steps=14,
+             alexnet_checkpoint_every=7, alexnet_batch_size=2, checkpoint_rounds=2,
+             recovery_rounds=2, short_steps=12)
+SMOKE = Size("smoke", repeats=1, fashion_steps=30, fashion_checkpoint_every=10, alexnet_steps=0,
+             checkpoint_rounds=1, recovery_rounds=1, short_steps=12, submit_warmup=False)

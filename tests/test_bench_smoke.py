@@ -1,0 +1,57 @@
+"""The benchmarks still run: each once at smoke size (a few steps, one round), so none rots.
+
+Not a measurement (`make bench` is).  `python -m bench` starts its own Ray
+cluster and S3 server on loopback and stops only its own processes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+ALL = ["throughput", "telemetry", "checkpoint", "recovery", "submit", "startup"]
+
+
+@pytest.mark.parametrize("job", ["fashion-cnn", "alexnet"])
+def test_plain_scripts_train_the_same_model_as_gradyard(job):
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench.contenders import Workload
+
+        assert Workload(job, steps=20, checkpoint_every=10).check_same_model() > 0
+    finally:
+        sys.path.remove(str(ROOT))
+
+
+@pytest.mark.ray
+def test_every_benchmark_runs_once(tmp_path):
+    results, page = tmp_path / "latest.json", tmp_path / "benchmarks.md"
+    r = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--results", str(results),
+                        "--docs", str(page)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
+    doc = json.loads(results.read_text())
+    assert sorted(doc["benchmarks"]) == sorted(ALL)
+    for name, b in doc["benchmarks"].items():
+        assert b["status"] == "ok", (name, b.get("error"))
+
+    tp = doc["benchmarks"]["throughput"]["workloads"]["fashion-cnn"]
+    for contender, s in tp["steps_per_second"].items():
+        assert s["n"] == 1 and s["median"] > 0, contender
+    assert {"gradyard_local/ray_train", "gradyard_s3/torchrun"} <= set(tp["ratios"])
+    assert doc["benchmarks"]["telemetry"]["step_time_ratio_on_over_off"]["n"] == 1
+    ck = doc["benchmarks"]["checkpoint"]
+    assert ck["parameters"] == 61_100_840 and ck["checkpoint_bytes"] > 4e8
+    assert ck["upload"]["ratio"]["median"] > 0
+    assert doc["benchmarks"]["recovery"]["seconds_to_first_resumed_step"]["median"] > 0
+    sub = doc["benchmarks"]["submit"]
+    assert not sub["available"] or sub["seconds_to_first_step"]["gradyard"]["median"] > 0
+    assert doc["benchmarks"]["startup"]["seconds_to_first_step"]["ray_train"]["median"] > 0
+
+    text = page.read_text()
+    assert "do not quote" in text and "## 5. Start-up on an embedded cluster" in text
+    assert "AKIA" not in text.replace("AKIAGRADYARDBENCH000", "")
