@@ -262,6 +262,12 @@ class TelemetrySection(_Section):
     """Count FLOPs with torch.utils.flop_counter on one step every N steps (and the first)."""
     port: int = Field(0, ge=0, le=65535)
     """Metrics port of each worker's exporter; 0 picks a free one (registered for discovery)."""
+    profile_ops: bool = False
+    """Also run torch.profiler over one step of the job's census, for per-op times in
+    `analysis/step.json`.  Off by default: after it, that process trains about 4% slower
+    for the rest of the run (measured on fashion-cnn by `python -m bench --only telemetry`).
+    The verdict does without it; `gradyard analyze` and `gradyard.analysis.probe` profile
+    outside the job."""
 
 
 class JobSpec(_Section):

@@ -141,7 +141,8 @@ def build_callbacks(spec: JobSpec, storage: Storage, info: DistInfo, launcher: s
         from gradyard.analysis.live import live_analysis
 
         cbs.append(live_analysis(storage, info.rank, metrics=metrics, timer=timer,
-                                 batch_size=spec.data.batch_size))
+                                 batch_size=spec.data.batch_size,
+                                 profile_ops=spec.telemetry.profile_ops))
     if faults:  # tests and benchmarks only
         from gradyard.testing.faults import build_fault_callbacks
 

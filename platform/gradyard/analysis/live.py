@@ -23,7 +23,8 @@ log = logging.getLogger("gradyard.analysis")
 
 
 def live_analysis(storage: Storage, rank: int, *, at_step: int = 5, metrics: Any = None,
-                  timer: Any = None, batch_size: Optional[int] = None) -> CensusCallback:
+                  timer: Any = None, batch_size: Optional[int] = None,
+                  profile_ops: bool = False) -> CensusCallback:
     def sink(record) -> None:
         if rank != 0:
             return
@@ -56,4 +57,4 @@ def live_analysis(storage: Storage, rank: int, *, at_step: int = 5, metrics: Any
                  if isinstance(v, (int, float)) and not isinstance(v, bool)][:5]
         print(f"[analysis] step {record.step}: {verdict.regime}-bound ({', '.join(shown)})", flush=True)
 
-    return CensusCallback(at_step=at_step, sink=sink, batch_size=batch_size)
+    return CensusCallback(at_step=at_step, sink=sink, batch_size=batch_size, profile_ops=profile_ops)

@@ -52,6 +52,7 @@ class TelemetryMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.identity: Optional[dict[str, str]] = None
         self._regime: Optional[str] = None
+        self._children: dict[tuple, Any] = {}
         self._evidence_keys: list[str] = []
         r, L = self.registry, IDENTITY_LABELS
 
@@ -143,10 +144,20 @@ class TelemetryMetrics:
             self.identity = {k: str(identity[k]) for k in IDENTITY_LABELS}
 
     def child(self, metric, **extra: str):
-        """The series of ``metric`` for this worker (plus any extra labels)."""
+        """The series of ``metric`` for this worker (plus any extra labels).
+
+        Called several times a step: the labelled child is looked up once and
+        kept (``labels()`` validates and locks on every call; a dict hit does not).
+        """
+        key = (metric, *extra.values()) if extra else metric
+        try:
+            return self._children[key]
+        except KeyError:
+            pass
         if self.identity is None:
             raise RuntimeError("TelemetryMetrics.bind() has not been called (FIT_START not seen)")
-        return metric.labels(**self.identity, **extra)
+        child = self._children[key] = metric.labels(**self.identity, **extra)
+        return child
 
     # ------------------------------------------------------------ analysis
 
