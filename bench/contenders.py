@@ -1,8 +1,16 @@
 """One workload, trained the ways it is compared: plain torchrun DDP, plain Ray Train, gradyard.
 
-gradyard runs as ``gradyard run`` on the bench's Ray cluster (checkpoints to
-local disk or to S3) and, to split a gap into its code and Ray's, as its bare
-worker under ``torchrun -m gradyard.train``.
+The Ray contenders (plain Ray Train, gradyard) are launched one of three ways:
+
+* ``job``:      ``ray job submit --no-wait`` to the bench's running cluster (gradyard's
+                entrypoint is ``python -m gradyard.launch``), then waited for;
+* ``embedded``: the command starts Ray in its own process (``gradyard run`` with
+                no ``--address``; the plain script with ``--address local``);
+* ``client``:   the command's process drives the bench's running cluster
+                (``gradyard run --address``; the plain script with ``--address``).
+
+gradyard also runs as its bare worker under ``torchrun -m gradyard.train``,
+which splits a gap to plain torchrun into gradyard's code and Ray's.
 
 Every contender reports its own in-loop timing: the time of the end of its
 first step (``first_step_at``) and its steps per second after the first 10
@@ -14,12 +22,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from bench.env import BUCKET, JOBS, PY, SCRIPTS, VENV_BIN, Bench, read_json
+from bench.env import BUCKET, JOBS, PY, ROOT, SCRIPTS, VENV_BIN, Bench, read_json
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,37 @@ def _result(out: dict, t0: float) -> dict:
             "checkpoint_seconds": [round(x, 4) for x in blocked or []]}
 
 
+def launch(bench: Bench, cmd: list[str], mode: str, name: str) -> tuple[float, list[str]]:
+    """Run a Ray contender's command the ``mode`` way; returns (time it was launched, the command).
+
+    ``cmd`` is the entrypoint as run on the cluster for ``job`` (relative paths,
+    ``python``), and a complete command line otherwise.
+    """
+    if mode != "job":
+        t0 = bench.run(cmd, name=name)
+        if mode == "embedded":
+            bench.sweep()  # whatever the embedded cluster left behind
+        return t0, cmd
+    bench.jobs()  # the working directory is cached on the cluster before the clock starts
+    sid = bench.unique("gyb-job")
+    submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", bench.cluster.dashboard,
+              "--working-dir", ".", "--submission-id", sid, "--no-wait", "--", *cmd]
+    t0 = bench.run(submit, name=name, cwd=ROOT)
+    bench.wait_job(sid, name)
+    return t0, submit
+
+
+def plain_ray_command(wl: Workload, d: Path, mode: str, address: Optional[str] = None) -> list[str]:
+    """The plain Ray Train script's command line for a launch mode."""
+    if mode == "job":  # run from the job's working directory (a copy of this checkout)
+        cmd = ["python", str((SCRIPTS / "raytrain_plain.py").relative_to(ROOT))]
+    else:
+        cmd = [PY, str(SCRIPTS / "raytrain_plain.py"),
+               "--address", "local" if mode == "embedded" else address]
+    return cmd + [*wl.plain_args(), "--workers", str(wl.workers), "--storage", str(d / "ray_results"),
+                  "--out", str(d / "result.json")]
+
+
 def run_torchrun(bench: Bench, wl: Workload) -> tuple[dict, list[str]]:
     d = bench.fresh("torchrun")
     cmd = [str(VENV_BIN / "torchrun"), "--standalone", f"--nproc-per-node={wl.workers}",
@@ -125,28 +165,20 @@ def run_torchrun(bench: Bench, wl: Workload) -> tuple[dict, list[str]]:
     return _result(out, t0), cmd
 
 
-def plain_ray_command(wl: Workload, d: Path, address: Optional[str]) -> list[str]:
-    cmd = [PY, str(SCRIPTS / "raytrain_plain.py")]
-    if address:
-        cmd += ["--address", address]
-    return cmd + [*wl.plain_args(), "--workers", str(wl.workers), "--storage", str(d / "ray_results"),
-                  "--out", str(d / "result.json")]
-
-
-def run_ray_train(bench: Bench, wl: Workload, address: Optional[str] = None) -> tuple[dict, list[str]]:
+def run_ray_train(bench: Bench, wl: Workload, mode: str = "client") -> tuple[dict, list[str]]:
     d = bench.fresh("raytrain")
-    cmd = plain_ray_command(wl, d, address or bench.cluster.address)
-    t0 = bench.run(cmd, name="raytrain")
+    address = bench.cluster.address if mode == "client" else None
+    t0, cmd = launch(bench, plain_ray_command(wl, d, mode, address), mode, f"raytrain-{mode}")
     out = read_json(d / "result.json")
     shutil.rmtree(d, ignore_errors=True)
     return _result(out, t0), cmd
 
 
-def gradyard_storage(bench: Bench, kind: str) -> tuple[str, dict]:
-    """A fresh storage URL of the kind (`local` or `s3`) and the environment it needs."""
+def gradyard_storage(bench: Bench, kind: str) -> tuple[str, tuple[str, ...]]:
+    """A fresh storage URL of the kind (`local` or `s3`) and the job overrides it needs."""
     if kind == "local":
-        return str(bench.fresh("gy")), {}
-    return f"s3://{BUCKET}/{bench.unique('run')}", {"AWS_ENDPOINT_URL_S3": bench.s3.endpoint}
+        return str(bench.fresh("gy")), ()
+    return f"s3://{BUCKET}/{bench.unique('run')}", (f"storage.endpoint_url={bench.s3.endpoint}",)
 
 
 def read_summary(bench: Bench, storage: str, job_name: str, cleanup: bool = True) -> dict:
@@ -161,11 +193,16 @@ def read_summary(bench: Bench, storage: str, job_name: str, cleanup: bool = True
     return summary
 
 
-def gradyard_command(bench: Bench, wl: Workload, storage: str, address: Optional[str],
+def gradyard_command(bench: Bench, wl: Workload, storage: str, mode: str,
                      extra: tuple[str, ...] = ()) -> list[str]:
-    cmd = [str(VENV_BIN / "gradyard"), "run", str(JOBS / f"{wl.job}.yaml")]
-    if address:
-        cmd += ["--address", address]
+    """gradyard's command line for a launch mode."""
+    job = JOBS / f"{wl.job}.yaml"
+    if mode == "job":
+        cmd = ["python", "-m", "gradyard.launch", str(job.relative_to(ROOT))]
+    else:
+        cmd = [str(VENV_BIN / "gradyard"), "run", str(job)]
+        if mode == "client":
+            cmd += ["--address", bench.cluster.address]
     cmd += ["--storage", storage]
     for o in [*wl.overrides(), *extra]:
         cmd += ["--set", o]
@@ -178,8 +215,7 @@ def _s3_cpu_seconds(bench: Bench, storage_kind: str) -> Optional[float]:
         return None
     from bench.env import psutil as _psutil
 
-    psutil = _psutil()
-    t = psutil.Process(bench.s3.proc.pid).cpu_times()
+    t = _psutil().Process(bench.s3.proc.pid).cpu_times()
     return t.user + t.system
 
 
@@ -192,29 +228,40 @@ def _gradyard_result(bench: Bench, wl: Workload, storage: str, t0: float, cpu0) 
     return res
 
 
-def run_gradyard(bench: Bench, wl: Workload, storage_kind: str, *, env: Optional[dict] = None,
-                 extra: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
-    """``gradyard run`` on the bench's Ray cluster."""
-    storage, senv = gradyard_storage(bench, storage_kind)
-    cmd = gradyard_command(bench, wl, storage, bench.cluster.address, extra)
+def run_gradyard(bench: Bench, wl: Workload, storage_kind: str, mode: str = "client", *,
+                 env: Optional[dict] = None, extra: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+    storage, sextra = gradyard_storage(bench, storage_kind)
+    cmd = gradyard_command(bench, wl, storage, mode, (*sextra, *extra))
     cpu0 = _s3_cpu_seconds(bench, storage_kind)
-    t0 = bench.run(cmd, name=f"gradyard-{storage_kind}", env={**senv, **(env or {})})
+    if env:
+        t0 = bench.run(cmd, name=f"gradyard-{storage_kind}-{mode}", env=env)
+    else:
+        t0, cmd = launch(bench, cmd, mode, f"gradyard-{storage_kind}-{mode}")
     return _gradyard_result(bench, wl, storage, t0, cpu0), cmd
-
-
-def gradyard_torchrun_command(wl: Workload, storage: str) -> list[str]:
-    cmd = [str(VENV_BIN / "torchrun"), "--standalone", f"--nproc-per-node={wl.workers}",
-           "-m", "gradyard.train", str(JOBS / f"{wl.job}.yaml"), "--storage", storage]
-    for o in wl.overrides():
-        cmd += ["--set", o]
-    return cmd
 
 
 def run_gradyard_torchrun(bench: Bench, wl: Workload, storage_kind: str = "local") -> tuple[dict, list[str]]:
-    """gradyard's worker code without Ray: ``torchrun -m gradyard.train`` (it splits a gap to torchrun
-    into gradyard's code and Ray's)."""
-    storage, senv = gradyard_storage(bench, storage_kind)
-    cmd = gradyard_torchrun_command(wl, storage)
+    """gradyard's worker code without Ray: ``torchrun -m gradyard.train``."""
+    storage, sextra = gradyard_storage(bench, storage_kind)
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", f"--nproc-per-node={wl.workers}",
+           "-m", "gradyard.train", str(JOBS / f"{wl.job}.yaml"), "--storage", storage]
+    for o in [*wl.overrides(), *sextra]:
+        cmd += ["--set", o]
     cpu0 = _s3_cpu_seconds(bench, storage_kind)
-    t0 = bench.run(cmd, name="gradyard-torchrun", env=senv)
+    t0 = bench.run(cmd, name="gradyard-torchrun")
     return _gradyard_result(bench, wl, storage, t0, cpu0), cmd
+
+
+def rounds(bench: Bench, wl: Workload, contenders: dict[str, Callable], repeats: int,
+           say: Callable[[str], None]) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Run every contender once per round, in the same order each round."""
+    raw: dict[str, list[dict]] = {name: [] for name in contenders}
+    commands: dict[str, str] = {}
+    for r in range(repeats):
+        for name, fn in contenders.items():
+            res, cmd = fn(bench, wl)
+            res["load_average"] = round(os.getloadavg()[0], 2)
+            raw[name].append(res)
+            commands.setdefault(name, bench.shown(cmd))
+            say(f"  {wl.job} round {r + 1}/{repeats} {name}: {res['steps_per_second']:.3f} steps/s")
+    return raw, commands

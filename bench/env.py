@@ -122,11 +122,10 @@ class RayCluster:
 
 
 def set_environment(tmp: Path) -> dict:
-    """The environment every contender inherits; returns what was set (for the page)."""
-    from ray._private.authentication.authentication_token_generator import (
-        generate_new_authentication_token,
-    )
+    """The environment every contender inherits; returns what was set (for the page).
 
+    Set before this process imports ray: Ray reads its authentication mode once.
+    """
     settings = {
         # One intra-op thread per worker for every contender: 2 workers on 2 cores.
         "OMP_NUM_THREADS": "1",
@@ -147,6 +146,12 @@ def set_environment(tmp: Path) -> dict:
         "RAY_TMPDIR": str(tmp / "e"),
     }
     os.environ.update(settings)
+    if "ray" in sys.modules:
+        raise RuntimeError("bench.env.set_environment must run before ray is imported")
+    from ray._private.authentication.authentication_token_generator import (
+        generate_new_authentication_token,
+    )
+
     os.environ.setdefault("RAY_AUTH_TOKEN", generate_new_authentication_token())
     os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "RAY_ADDRESS"):
@@ -168,6 +173,7 @@ class Bench:
         self.keep = keep
         self.environment = set_environment(self.tmp)
         self._cluster: Optional[RayCluster] = None
+        self._jobs = None
         self._s3 = None
         self._n = 0
 
@@ -182,6 +188,38 @@ class Bench:
         if self._cluster is not None:
             self._cluster.stop()
             self._cluster = None
+            self._jobs = None
+
+    def jobs(self):
+        """A JobSubmissionClient of the bench's cluster; the first call caches the working
+        directory's package there with one untimed submission, so no contender pays for it."""
+        if self._jobs is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._jobs = JobSubmissionClient(self.cluster.dashboard)
+            sid = self.unique("gyb-warmup")
+            self.run([str(VENV_BIN / "ray"), "job", "submit", "--address", self.cluster.dashboard,
+                      "--working-dir", ".", "--submission-id", sid, "--", "python", "-c", "pass"],
+                     name="submit-warmup", cwd=ROOT)
+        return self._jobs
+
+    def wait_job(self, sid: str, name: str, timeout: float = 900) -> None:
+        """Poll a submitted job until it ends; its logs go to the bench's log of ``name``."""
+        from ray.job_submission import JobStatus
+
+        client = self.jobs()
+        deadline = time.monotonic() + timeout
+        while (status := client.get_job_status(sid)) not in (
+                JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            if time.monotonic() > deadline:
+                client.stop_job(sid)
+                break
+            time.sleep(0.5)
+        log = self.tmp / f"{name}.log"
+        with open(log, "a") as f:
+            f.write(client.get_job_logs(sid))
+        if status != JobStatus.SUCCEEDED:
+            raise BenchError(f"{name}: job {sid} ended {status}\n{_tail(log)}")
 
     @property
     def s3(self):

@@ -1,7 +1,8 @@
 """Where a gradyard worker's time goes: py-spy samples of its Ray workers, sorted into phases.
 
-One more gradyard run of the benchmark's workload on the bench's Ray cluster,
-with ``py-spy record --nonblocking`` attached to both RayTrainWorker processes.
+One more gradyard run of the benchmark's workload (on the bench's cluster with
+a client driver, or on an embedded cluster, as its rounds ran), with
+``py-spy record --nonblocking`` attached to both RayTrainWorker processes.
 Rank 0 (the one whose samples show the checkpoint writer) is reported: its
 samples inside the training loop are sorted into model compute (forward,
 backward with DDP's allreduce, optimizer), data loading, and each gradyard
@@ -76,22 +77,21 @@ def parse_raw(text: str) -> dict:
 _NOT_LOOP = ("outside the training loop", "background: checkpoint writer thread")
 
 
-def _ray_workers(cluster_dir: str, timeout: float = 180) -> list[int]:
-    """PIDs of the RayTrainWorker processes of the bench's cluster, once there are two."""
+def _ray_workers(timeout: float = 180) -> list[int]:
+    """PIDs of the bench's RayTrainWorker processes (the run's: runs never overlap), once there are two."""
     from bench.env import psutil as _psutil
 
     psutil = _psutil()
+    tag = os.environ["GRADYARD_BENCH_TAG"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = []
         for proc in psutil.process_iter(["cmdline"]):
             try:
-                if "RayTrainWorker" not in " ".join(proc.info["cmdline"] or []):
-                    continue
-                parent = proc.parent()
-                if parent is not None and cluster_dir in " ".join(parent.cmdline()):
+                if ("RayTrainWorker" in " ".join(proc.info["cmdline"] or [])
+                        and proc.environ().get("GRADYARD_BENCH_TAG") == tag):
                     found.append(proc.pid)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
         if len(found) >= 2:
             return sorted(found)
@@ -99,16 +99,16 @@ def _ray_workers(cluster_dir: str, timeout: float = 180) -> list[int]:
     return []
 
 
-def profile_gradyard(bench: Bench, wl: Workload, storage_kind: str) -> dict:
-    storage, env = gradyard_storage(bench, storage_kind)
-    cmd = gradyard_command(bench, wl, storage, bench.cluster.address)
+def profile_gradyard(bench: Bench, wl: Workload, storage_kind: str, mode: str) -> dict:
+    """One more gradyard run (``client`` on the bench's cluster, or ``embedded``) under py-spy."""
+    storage, extra = gradyard_storage(bench, storage_kind)
+    cmd = gradyard_command(bench, wl, storage, mode, extra)
     folder = bench.fresh("pyspy")
     log = open(folder / "run.log", "wb")
-    run = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                           env={**os.environ, **env}, start_new_session=True)
+    run = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     spies = []
     try:
-        for pid in _ray_workers(bench.cluster.temp_dir):
+        for pid in _ray_workers():
             out = folder / f"{pid}.txt"
             spies.append((out, subprocess.Popen(
                 [str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--nonblocking", "--format",
@@ -138,7 +138,7 @@ def profile_gradyard(bench: Bench, wl: Workload, storage_kind: str) -> dict:
         for _, spy in spies:
             if spy.poll() is None:
                 spy.kill()
-    rank0["command"] = "py-spy record --pid <each RayTrainWorker> --nonblocking --format raw --rate 100, during: " \
-        + bench.shown(cmd)
+    rank0["command"] = ("py-spy record --pid <each RayTrainWorker> --nonblocking --format raw "
+                        "--rate 100, during: " + bench.shown(cmd))
     rank0["storage"] = storage_kind
     return rank0

@@ -35,7 +35,7 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
         storage = bench.fresh("recovery")
         marker = storage / "killed"
         faults = {"kill_at_step": KILL_AT, "kill_rank": 1, "marker": str(marker)}
-        cmd = gradyard_command(bench, wl, str(storage), bench.cluster.address)
+        cmd = gradyard_command(bench, wl, str(storage), "client")
         bench.run(cmd, name="recovery", env={"GRADYARD_FAULTS": json.dumps(faults)})
         run_dir = storage / wl.spec().name
         s = read_json(run_dir / "summary.json")

@@ -27,6 +27,8 @@ class Size:
     """SIGKILLed runs in the recovery benchmark."""
     short_steps: int = 12
     """Steps of the start-up and submission runs (only the first one is timed)."""
+    telemetry_ab_steps: int = 1000
+    """Steps of each arm in each in-run telemetry on/off comparison (turns of 25 steps)."""
     submit_warmup: bool = True
     """Cache the working directory on the cluster with one untimed submission first."""
 
@@ -37,6 +39,7 @@ class Size:
 FULL = Size("full", repeats=5)
 QUICK = Size("quick", repeats=2, fashion_steps=110, fashion_checkpoint_every=50, alexnet_steps=14,
              alexnet_checkpoint_every=7, alexnet_batch_size=2, checkpoint_rounds=2,
-             recovery_rounds=2, short_steps=12)
+             recovery_rounds=2, short_steps=12, telemetry_ab_steps=500)
 SMOKE = Size("smoke", repeats=1, fashion_steps=30, fashion_checkpoint_every=10, alexnet_steps=0,
-             checkpoint_rounds=1, recovery_rounds=1, short_steps=12, submit_warmup=False)
+             checkpoint_rounds=1, recovery_rounds=1, short_steps=12, submit_warmup=False,
+             telemetry_ab_steps=150)

@@ -3,20 +3,29 @@
 Two workers, the same synthetic data shape, batch, seed, optimizer, steps and
 checkpoint interval for every contender; rounds interleave the contenders
 (A B C D, A B C D, ...) and each gradyard figure is quoted as its ratio to the
-contender run beside it in the same round.  On fashion-cnn, gradyard's worker
-also runs under torchrun, which splits a gap to plain torchrun into gradyard's
-code and Ray's.  When gradyard misses a target, one more gradyard run with
-py-spy on its Ray workers says where rank 0's time goes.
+contender run beside it in the same round.  When gradyard misses a target, one
+more gradyard run with py-spy on its Ray workers says where rank 0's time goes.
+
+How the Ray contenders are launched differs by workload, and each choice also
+yields another benchmark from the same runs (Ray's start-up is ~15 s a run on
+two cores, so separate runs would not fit `make bench` in 30 minutes):
+
+* fashion-cnn: ``ray job submit`` to the bench's running cluster, the production
+  path; from the same runs come submission latency (4) and, with the
+  telemetry-off contender in the same rounds, the telemetry overhead (3).
+  gradyard's worker also runs under plain torchrun, which splits a gap to
+  torchrun into gradyard's code and Ray's.
+* AlexNet: each command starts its own cluster (``gradyard run`` with no
+  cluster; the plain script with ``--address local``): start-up (5).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
-from bench import profile
-from bench.contenders import (Workload, run_gradyard, run_gradyard_torchrun, run_ray_train,
-                               run_torchrun)
+from bench import profile, submission
+from bench.contenders import (Workload, rounds, run_gradyard, run_gradyard_torchrun,
+                               run_ray_train, run_torchrun)
 from bench.env import Bench
 from bench.settings import Size
 from bench.stats import paired, summary
@@ -28,12 +37,6 @@ NEEDS_CLUSTER = True
 TARGETS = {"ray_train": 0.97, "torchrun": 0.95}
 """gradyard's steps/s must be at least this share of each plain contender's."""
 
-CONTENDERS: dict[str, Callable] = {
-    "torchrun": run_torchrun,
-    "ray_train": run_ray_train,
-    "gradyard_local": lambda b, wl: run_gradyard(b, wl, "local"),
-    "gradyard_s3": lambda b, wl: run_gradyard(b, wl, "s3"),
-}
 GRADYARD_TORCHRUN = "gradyard_torchrun"
 """fashion-cnn only: gradyard's worker under torchrun (no Ray), checkpoints to local disk."""
 TELEMETRY_OFF = "gradyard_local_telemetry_off"
@@ -52,21 +55,6 @@ def workloads(size: Size) -> list[Workload]:
         out.append(Workload("alexnet", size.alexnet_steps, size.alexnet_checkpoint_every,
                             batch_size=size.alexnet_batch_size))
     return out
-
-
-def rounds(bench: Bench, wl: Workload, contenders: dict[str, Callable], repeats: int,
-           say: Callable[[str], None]) -> tuple[dict[str, list[dict]], dict[str, str]]:
-    """Run every contender once per round, in the same order each round."""
-    raw: dict[str, list[dict]] = {name: [] for name in contenders}
-    commands: dict[str, str] = {}
-    for r in range(repeats):
-        for name, fn in contenders.items():
-            res, cmd = fn(bench, wl)
-            res["load_average"] = round(os.getloadavg()[0], 2)
-            raw[name].append(res)
-            commands.setdefault(name, bench.shown(cmd))
-            say(f"  {wl.job} round {r + 1}/{repeats} {name}: {res['steps_per_second']:.3f} steps/s")
-    return raw, commands
 
 
 def compare(raw: dict[str, list[dict]]) -> dict:
@@ -91,34 +79,50 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
     out = {"workloads": {}, "targets": TARGETS}
     for wl in workloads(size):
         params = wl.check_same_model()
-        contenders = dict(CONTENDERS)
+        if wl.job == "fashion-cnn":
+            mode = "job" if submission.available()[0] else "client"
+        else:
+            mode = "embedded"
+            bench.stop_cluster()  # nothing else runs beside an embedded cluster
+        contenders: dict[str, Callable] = {
+            "torchrun": run_torchrun,
+            "ray_train": lambda b, w, m=mode: run_ray_train(b, w, m),
+            "gradyard_local": lambda b, w, m=mode: run_gradyard(b, w, "local", m),
+            "gradyard_s3": lambda b, w, m=mode: run_gradyard(b, w, "s3", m),
+        }
         if wl.job == "fashion-cnn":
             contenders[GRADYARD_TORCHRUN] = run_gradyard_torchrun
             if shared.get("telemetry_selected"):
                 off = Workload(wl.job, wl.steps, wl.checkpoint_every, wl.batch_size, wl.workers,
                                telemetry=False)
-                contenders[TELEMETRY_OFF] = lambda b, w: run_gradyard(b, off, "local")
+                contenders[TELEMETRY_OFF] = lambda b, w, m=mode: run_gradyard(b, off, "local", m)
         raw, commands = rounds(bench, wl, contenders, size.repeats, say)
         result = compare(raw)
         shape, classes = wl.shape()
-        result.update(workload={"job": wl.job, "model": wl.spec().model.arch, "parameters": params,
-                                "input_shape": list(shape), "classes": classes,
-                                "batch_per_worker": wl.batch, "workers": wl.workers,
-                                "steps": wl.steps, "checkpoint_every": wl.checkpoint_every,
-                                "timed_steps": wl.steps - 10},
-                      raw=raw, commands=commands)
-        if "gradyard_s3" in raw:
-            result["s3_server_cpu_seconds"] = summary(
-                [x.get("s3_server_cpu_seconds") for x in raw["gradyard_s3"]])
+        workload = {"job": wl.job, "model": wl.spec().model.arch, "parameters": params,
+                    "input_shape": list(shape), "classes": classes, "batch_per_worker": wl.batch,
+                    "workers": wl.workers, "steps": wl.steps, "checkpoint_every": wl.checkpoint_every,
+                    "timed_steps": wl.steps - 10, "launch": mode}
+        result.update(workload=workload, raw=raw, commands=commands)
+        result["s3_server_cpu_seconds"] = summary(
+            [x.get("s3_server_cpu_seconds") for x in raw["gradyard_s3"]])
         missed = [k for k, v in result["ratios"].items() if v.get("met") is False]
         if missed and size.name != "smoke":
             worst = min(missed, key=lambda k: result["ratios"][k]["median"])
             kind = "s3" if worst.startswith("gradyard_s3") else "local"
             say(f"  {wl.job}: {', '.join(missed)} below target; profiling gradyard's workers ({kind})")
-            result["profile"] = profile.profile_gradyard(bench, wl, kind)
+            result["profile"] = profile.profile_gradyard(
+                bench, wl, kind, "embedded" if mode == "embedded" else "client")
+        pair = {"gradyard": raw["gradyard_local"], "ray_train": raw["ray_train"],
+                "workload": workload, "commands": {"gradyard": commands["gradyard_local"],
+                                                   "ray_train": commands["ray_train"]}}
+        if mode == "job":
+            shared["submit_rounds"] = pair
+        elif mode == "embedded":
+            shared["startup_rounds"] = pair
         if TELEMETRY_OFF in raw:
             shared["telemetry_rounds"] = {"on": raw["gradyard_local"], "off": raw[TELEMETRY_OFF],
-                                          "workload": result["workload"],
+                                          "workload": workload,
                                           "commands": {"on": commands["gradyard_local"],
                                                        "off": commands[TELEMETRY_OFF]}}
         out["workloads"][wl.job] = result
