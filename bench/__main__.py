@@ -37,6 +37,9 @@ def parse(argv: list[str] | None):
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp folder and its logs")
+    p.add_argument("--telemetry-whole-jobs", action="store_true",
+                   help="also run gradyard with telemetry off in the fashion-cnn throughput rounds "
+                        "(whole jobs; their run-to-run spread, beside the in-run figure)")
     return p.parse_args(argv)
 
 
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"size {size.name}, {size.repeats} round(s); temp folder {bench.tmp}")
         if any(n != "checkpoint" for n in names):
             calibrate_once()
-        shared = {"telemetry_selected": "telemetry" in names and "throughput" in names}
+        shared = {"telemetry_selected": args.telemetry_whole_jobs and "telemetry" in names
+                  and "throughput" in names}
         for b in selected:
             say(f"{b.NAME}: {b.TITLE}")
             t0, load0 = time.time(), os.getloadavg()[0]

@@ -54,6 +54,7 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
     for r in range(size.repeats):
         d = bench.fresh("telemetry-ab")
         cmd = ab_command(bench, wl, str(d / "result.json"), str(d / "runs"))
+        cmd += ["--first", "on" if r % 2 == 0 else "off"]  # neither arm always goes first
         bench.run(cmd, name="telemetry-ab")
         command = command or bench.shown(cmd)
         res = read_json(d / "result.json")

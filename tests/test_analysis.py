@@ -247,6 +247,17 @@ def test_census_callback_in_the_real_trainer(cpu_profile, tmp_path):
     verdict = analyze_run(record.to_dict())
     assert verdict.regime == "overhead", verdict.to_json()  # a 16x16 MLP on CPU: all dispatch
 
+    # What a job runs (telemetry.profile_ops off): counts only, no profiler, and
+    # the verdict still finds the dispatch-bound step from op count x per-op cost.
+    counted = []
+    fit([CensusCallback(at_step=4, timing_steps=2, profile=cpu_profile, sink=counted.append,
+                        profile_ops=False)], "c")
+    (record,) = counted
+    assert record.census.times == {} and record.census.profiled_wall_s is None
+    assert record.census.model_flops > 0 and record.census.n_ops > 10
+    verdict = analyze_run(record.to_dict())
+    assert verdict.regime == "overhead", verdict.to_json()
+
 
 # ---------------------------------------------------------------------------
 # Known regimes

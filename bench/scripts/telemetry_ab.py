@@ -52,8 +52,8 @@ ARMS = ("on", "off")
 class Baton:
     """Whose turn it is; each arm's clock runs only while it holds the baton."""
 
-    def __init__(self) -> None:
-        self.turn = ARMS[0]
+    def __init__(self, first: str = ARMS[0]) -> None:
+        self.turn = first
         self.cond = threading.Condition()
         self.failed: BaseException | None = None
         self.started: dict[str, float] = {}
@@ -109,13 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block", type=int, default=25, help="steps per turn")
     p.add_argument("--warmup", type=int, default=50, help="steps before the first recorded block")
     p.add_argument("--out", required=True)
+    p.add_argument("--first", choices=ARMS, default="on",
+                   help="the arm that takes the first turn (alternate it between runs)")
     p.add_argument("--drop", default="", help="comma-separated callback classes left out of the "
                    "telemetry arm (to attribute the overhead to its parts)")
     args = p.parse_args(argv)
 
     dist.init_process_group("gloo")
     info = _dist_info("torchrun")
-    baton = Baton()
+    baton = Baton(args.first)
     trainers, threads = {}, []
     for arm in ARMS:  # built in the same order on every rank: DDP's constructor is a collective
         spec = load_job(args.job, [*args.overrides, f"telemetry.enabled={'true' if arm == 'on' else 'false'}",
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             "total_ratio": sum(on[:n]) / sum(off[:n]) if n else None,
             "step_seconds": {"on": sum(on[:n]) / (n * args.block) if n else None,
                              "off": sum(off[:n]) / (n * args.block) if n else None},
-            "dropped": [x for x in args.drop.split(",") if x], "world_size": info.world_size, "threads": torch.get_num_threads(),
+            "first": args.first, "dropped": [x for x in args.drop.split(",") if x],
+            "world_size": info.world_size, "threads": torch.get_num_threads(),
         }
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
