@@ -103,7 +103,7 @@ class Workload:
         from gradyard.data import build_datasets
         from gradyard.models import build_model, count_parameters
 
-        from bench.scripts.ddp_torchrun import build_model as plain_model
+        from bench.scripts.plain_models import build_model as plain_model
 
         spec = self.spec()
         probe = spec.model_copy(update={"data": spec.data.model_copy(update={"num_samples": 16})})
@@ -213,7 +213,7 @@ def _s3_cpu_seconds(bench: Bench, storage_kind: str) -> Optional[float]:
     """CPU seconds the S3 server has used so far (it shares this machine's cores)."""
     if storage_kind != "s3":
         return None
-    from bench.env import psutil as _psutil
+    from gradyard.testing.processes import psutil as _psutil
 
     t = _psutil().Process(bench.s3.proc.pid).cpu_times()
     return t.user + t.system

@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+from gradyard.testing.processes import kill_tagged
+
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -41,40 +43,6 @@ def _tail(path: Path, n: int = 3000) -> str:
         return path.read_text(errors="replace")[-n:]
     except OSError:
         return ""
-
-
-def psutil():
-    """psutil, which this venv has only inside Ray's third-party folder (on sys.path once ray is imported)."""
-    import importlib
-
-    importlib.import_module("ray")
-    return importlib.import_module("psutil")
-
-
-def kill_tagged(var: str, value: str, spare=lambda proc, env: False) -> int:
-    """Terminate (then kill) the processes whose environment has ``var=value``; not this one."""
-    ps = psutil()
-
-    mine = []
-    for proc in ps.process_iter(["pid"]):
-        try:
-            env = proc.environ()
-            if proc.pid != os.getpid() and env.get(var) == value and not spare(proc, env):
-                mine.append(proc)
-        except (ps.NoSuchProcess, ps.AccessDenied, ps.ZombieProcess):
-            pass
-    for proc in mine:
-        try:
-            proc.terminate()
-        except ps.NoSuchProcess:
-            pass
-    _, alive = ps.wait_procs(mine, timeout=10)
-    for proc in alive:
-        try:
-            proc.kill()
-        except ps.NoSuchProcess:
-            pass
-    return len(mine)
 
 
 class RayCluster:

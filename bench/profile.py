@@ -79,7 +79,7 @@ _NOT_LOOP = ("outside the training loop", "background: checkpoint writer thread"
 
 def _ray_workers(timeout: float = 180) -> list[int]:
     """PIDs of the bench's RayTrainWorker processes (the run's: runs never overlap), once there are two."""
-    from bench.env import psutil as _psutil
+    from gradyard.testing.processes import psutil as _psutil
 
     psutil = _psutil()
     tag = os.environ["GRADYARD_BENCH_TAG"]

@@ -37,7 +37,7 @@ WARMUP = 50
 CHECKPOINT_EVERY = 100
 
 
-def ab_command(bench: Bench, wl: Workload, out: str, storage: str) -> list[str]:
+def ab_command(wl: Workload, out: str, storage: str) -> list[str]:
     cmd = [str(VENV_BIN / "torchrun"), "--standalone", f"--nproc-per-node={wl.workers}",
            str((ROOT / "bench" / "scripts" / "telemetry_ab.py").relative_to(ROOT)),
            str((JOBS / f"{wl.job}.yaml").relative_to(ROOT)), "--storage", storage,
@@ -53,7 +53,7 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
     runs, command = [], None
     for r in range(size.repeats):
         d = bench.fresh("telemetry-ab")
-        cmd = ab_command(bench, wl, str(d / "result.json"), str(d / "runs"))
+        cmd = ab_command(wl, str(d / "result.json"), str(d / "runs"))
         cmd += ["--first", "on" if r % 2 == 0 else "off"]  # neither arm always goes first
         bench.run(cmd, name="telemetry-ab")
         command = command or bench.shown(cmd)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from gradyard.testing.processes import kill_tagged
+
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
 VENV_BIN = Path(sys.executable).parent
@@ -139,27 +141,7 @@ class RayCluster:
 
     def stop(self) -> None:
         # Not `ray stop`: it would take down every Ray cluster on the machine.
-        import psutil
-
-        me = os.getpid()
-        mine = []
-        for proc in psutil.process_iter(["pid"]):
-            try:
-                if proc.pid != me and proc.environ().get("GRADYARD_TEST_CLUSTER") == self.tag:
-                    mine.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                pass
-        for proc in mine:
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(mine, timeout=10)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_tagged("GRADYARD_TEST_CLUSTER", self.tag)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -2,8 +2,8 @@
 
 ``prepare_model`` / ``prepare_data_loader`` / ``ray.train.report`` with a
 ``Checkpoint.from_directory`` written by rank 0, as in "Get Started with
-Distributed Training using PyTorch".  The models are copied here; the
-benchmark checks that their parameter counts equal gradyard's.  ::
+Distributed Training using PyTorch".  The models are in ``plain_models.py``
+beside it; the benchmark checks that their parameter counts equal gradyard's.  ::
 
     python bench/scripts/raytrain_plain.py --address 127.0.0.1:6379 --model fashion_cnn \\
         --steps 510 --batch-size 32 --checkpoint-every 100 --storage /tmp/ray_results --out result.json
@@ -26,54 +26,15 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.nn.functional as F
-import torchvision
 from ray.train import Checkpoint, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-WARMUP_STEPS = 10  # the same as gradyard.trainer.STEADY_AFTER_STEPS
+import plain_models  # noqa: E402 - beside this script
+from plain_models import WARMUP_STEPS, SyntheticImages, build_model  # noqa: E402
 
-
-def conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-
-
-class FashionCNN(nn.Module):
-    """FashionMNISTModelV2 (learnpytorch.io): two TinyVGG conv blocks and a Linear head."""
-
-    def __init__(self, channels: int, size: int, classes: int, hidden: int = 10):
-        super().__init__()
-        self.block_1 = conv_block(channels, hidden)
-        self.block_2 = conv_block(hidden, hidden)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(hidden * (size // 4) ** 2, classes))
-
-    def forward(self, x):
-        return self.classifier(self.block_2(self.block_1(x)))
-
-
-def build_model(name: str, shape: tuple, classes: int) -> nn.Module:
-    if name == "fashion_cnn":
-        return FashionCNN(shape[0], shape[-1], classes)
-    if name == "alexnet":
-        return torchvision.models.alexnet(weights=None, num_classes=classes)
-    raise ValueError(f"unknown model {name}")
-
-
-class SyntheticImages(Dataset):
-    """uint8 images in memory, turned into floats per sample (as ToTensor does)."""
-
-    def __init__(self, n: int, shape: tuple, classes: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
-        self.labels = torch.randint(0, classes, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i].float() / 255.0, self.labels[i]
+# Ray's workers cannot import a module beside a script: ship it with train_func.
+ray.cloudpickle.register_pickle_by_value(plain_models)
 
 
 def train_func(config: dict):

@@ -28,7 +28,6 @@ Rank 0 writes ``--out``: the block times of each arm and the ratios.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -43,7 +42,7 @@ import torch.distributed as dist
 from gradyard.events import Callback, Event
 from gradyard.job import load_job
 from gradyard.runner import prepare_run
-from gradyard.train import _dist_info, build_callbacks
+from gradyard.train import _dist_info, build_callbacks, shutdown_process_group
 from gradyard.trainer import Trainer
 
 ARMS = ("on", "off")
@@ -166,11 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    # Both DDP wrappers (and their gloo work) go before the process group does.
-    trainers.clear()
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    trainers.clear()  # both DDP wrappers go before the process group does
+    shutdown_process_group()
     return 0
 
 

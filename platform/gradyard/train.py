@@ -289,16 +289,23 @@ def main(argv: list[str] | None = None) -> int:
         run_worker({"spec": spec.model_dump(mode="json"), "storage": run.spec(),
                     "launcher": "torchrun"})
     finally:
-        if dist.is_initialized():
-            # The trainer's DDP wrapper sits in reference cycles (callbacks and
-            # hooks hold its state); left to interpreter shutdown, its reducer
-            # outlived the process group and the process aborted ("terminate
-            # called without an active exception") after a finished run, 2-3
-            # times in 10.  Collect it first, and let every rank get here.
-            gc.collect()
-            dist.barrier()
-            dist.destroy_process_group()
+        shutdown_process_group()
     return 0
+
+
+def shutdown_process_group() -> None:
+    """End a torchrun worker's process group once its trainers are dropped.
+
+    A trainer's DDP wrapper sits in reference cycles (callbacks and hooks hold
+    its state); left to interpreter shutdown, its reducer outlived the process
+    group and the process aborted ("terminate called without an active
+    exception") after a finished run, 2-3 times in 10.  Collect it first, and
+    let every rank get here.
+    """
+    if dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
