@@ -122,6 +122,16 @@ def make_state(spec, device, rank=0, world_size=1, ddp=False) -> State:
                  rank=rank, world_size=world_size, local_rank=rank, node=socket.gethostname())
 
 
+def _agreed(flag: bool) -> bool:
+    """True on every rank once it is true on any: ranks that saw a stop at different steps
+    would leave one of them waiting in an allreduce the other never joins."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def train(state: State, callbacks, steps: int, stop=None, data_sleep: float = 0.002,
           checkpoint_at: Optional[int] = None, on_step=None) -> None:
     """A training loop that fires the events in the order of gradyard.events."""
@@ -134,7 +144,7 @@ def train(state: State, callbacks, steps: int, stop=None, data_sleep: float = 0.
     fire(Event.FIT_START)
     fire(Event.EPOCH_START)
     for i in range(steps):
-        if stop is not None and stop.is_set():
+        if stop is not None and _agreed(stop.is_set()):
             break
         state.batch_in_epoch = i
         fire(Event.BEFORE_DATA)
