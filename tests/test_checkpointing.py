@@ -247,3 +247,52 @@ def test_driver_killed_then_restarted_resumes(ray_cluster, tmp_path):
     assert "resumed from checkpoint at step" in r.stdout + r.stderr
     summary = json.loads((tmp_path / "circles" / "summary.json").read_text())
     assert summary["steps"] == 39 and summary["restarts"] >= 1
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_writer_keeps_the_newest_and_the_best_and_clears_leftovers(where, s3, bucket_url, tmp_path):
+    """Retention: `keep` newest complete checkpoints plus the best one; incomplete ones older
+    than the newest go (a crashed attempt's, and one this writer failed to finish).  On S3
+    it lists once: later checkpoints cost their PUTs and one bulk delete, no listing or reads."""
+    from gradyard.checkpoint import CheckpointWriter, Snapshot, checkpoint_dirname
+
+    proxy = FaultProxy(s3.endpoint).start() if where == "s3" else None
+    try:
+        url = bucket_url if where == "s3" else str(tmp_path / "run")
+        storage = open_storage(url, endpoint_url=proxy.endpoint if proxy else None)
+        leftover = storage.join("checkpoints", checkpoint_dirname(5), "model.pt")
+        storage.fs.pipe_file(leftover, b"half a checkpoint")   # a crashed attempt's, no manifest
+        writer = CheckpointWriter(storage, keep=2, best_metric="acc", best_mode="max")
+
+        def snapshot(step, acc, model=None):
+            return Snapshot(step=step, epoch=0, files={"model.pt": model or {"w": torch.full((4,), step)},
+                                                       "state.pt": {"step": step}},
+                            metrics={"acc": acc}, spec_hash="h")
+
+        accs = {10: 0.5, 20: 0.9, 30: 0.6, 40: 0.7, 50: 0.8, 60: 0.4}
+        per_checkpoint = {}
+        for step, acc in accs.items():
+            before = proxy.methods.copy() if proxy else None
+            if step == 30:  # model.pt lands, then serialising state.pt fails: left incomplete
+                bad = snapshot(step, acc)
+                bad.files["state.pt"] = {"not a tensor": threading.Lock()}
+                writer.submit(bad)
+            else:
+                writer.submit(snapshot(step, acc))
+            writer.wait()
+            if proxy:
+                per_checkpoint[step] = proxy.methods - before
+        writer.close(timeout=60)
+    finally:
+        if proxy:
+            proxy.stop()
+
+    assert writer.saved_total == 5 and writer.failures_total == 1
+    infos = list_checkpoints(open_storage(url, endpoint_url=s3.endpoint if where == "s3" else None))
+    # 20 is the best; 50 and 60 the newest two; 5 (crashed) and 30 (failed) are gone.
+    assert [(i.step, i.status) for i in infos] == [(20, "complete"), (50, "complete"), (60, "complete")]
+    if proxy:  # after the first listing (and the failed one's clean-up at 40), only writes
+        for step in (50, 60):
+            counts = per_checkpoint[step]
+            assert counts["GET"] == 0 and counts["HEAD"] == 0, (step, counts)
+            assert counts["PUT"] == 3 and counts["POST"] == (step == 60), (step, counts)

@@ -222,6 +222,11 @@ class CheckpointWriter:
         self.saved_total = 0
         self.failures_total = 0
         self.last_error: Optional[str] = None
+        self._index: Optional[dict[int, CheckpointInfo]] = None
+        """What is under ``checkpoints/``: listed from storage once, then kept up to date here
+        (this thread is the run's only writer), so retention costs no listing or manifest reads."""
+        self._written: dict[int, list[str]] = {}
+        """Every file of each checkpoint this writer completed: removed without listing."""
         self._queue: "queue.Queue[Optional[Snapshot]]" = queue.Queue(maxsize=1)
         self._idle = threading.Event()
         self._idle.set()
@@ -262,6 +267,8 @@ class CheckpointWriter:
                 except Exception as exc:  # noqa: BLE001 - retention failure must not kill training
                     log.warning("checkpoint retention failed: %s", redact(str(exc))[:200])
             except Exception as exc:  # noqa: BLE001 - an unwritable checkpoint is logged, counted, survived
+                if self._index is not None:  # whatever part of it landed goes at the next retention
+                    self._index[snap.step] = CheckpointInfo(step=snap.step, path=self._path(snap))
                 self.failures_total += 1
                 self.last_error = redact(f"{type(exc).__name__}: {exc}")[:300]
                 log.error("checkpoint at step %d could not be written: %s; training goes on",
@@ -274,9 +281,12 @@ class CheckpointWriter:
                         log.exception("checkpoint callback failed")
                 self._idle.set()
 
+    def _path(self, snap: Snapshot) -> str:
+        return self.storage.join("checkpoints", checkpoint_dirname(snap.step))
+
     def _write(self, snap: Snapshot) -> None:
         fs = self.storage.fs
-        ckpt_path = self.storage.join("checkpoints", checkpoint_dirname(snap.step))
+        ckpt_path = self._path(snap)
         files_meta = {}
         for name, obj in snap.files.items():
             buf = io.BytesIO()
@@ -284,12 +294,9 @@ class CheckpointWriter:
             data = buf.getvalue()
             files_meta[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             fpath = posixpath.join(ckpt_path, name)
-
-            def put(fpath=fpath, data=data):
-                with fs.open(fpath, "wb") as f:
-                    f.write(data)
-
-            with_retries(put, what=f"upload {name} (step {snap.step})",
+            # pipe_file: one PUT (or one multipart upload) per file, no buffered-file machinery.
+            with_retries(lambda fpath=fpath, data=data: fs.pipe_file(fpath, data),
+                         what=f"upload {name} (step {snap.step})",
                          attempts=self.retry_attempts, log=log.warning)
         manifest = {
             "format": FORMAT_VERSION,
@@ -301,16 +308,20 @@ class CheckpointWriter:
             "files": files_meta,
         }
         mdata = json.dumps(manifest, indent=1, sort_keys=True).encode()
-
-        def put_manifest():
-            with fs.open(posixpath.join(ckpt_path, MANIFEST), "wb") as f:
-                f.write(mdata)
-
-        with_retries(put_manifest, what=f"upload manifest (step {snap.step})",
+        with_retries(lambda: fs.pipe_file(posixpath.join(ckpt_path, MANIFEST), mdata),
+                     what=f"upload manifest (step {snap.step})",
                      attempts=self.retry_attempts, log=log.warning)
+        self._written[snap.step] = [posixpath.join(ckpt_path, n) for n in (*files_meta, MANIFEST)]
+        if self._index is not None:
+            self._index[snap.step] = CheckpointInfo(
+                step=snap.step, path=ckpt_path, status="complete", epoch=snap.epoch,
+                time=manifest["time"], size_bytes=sum(m["size"] for m in files_meta.values()),
+                metrics=snap.metrics)
 
     def _retain(self, latest: Snapshot) -> None:
-        infos = list_checkpoints(self.storage, deep=False)
+        if self._index is None:  # the first time: what earlier attempts of this run left
+            self._index = {i.step: i for i in list_checkpoints(self.storage, deep=False)}
+        infos = sorted(self._index.values(), key=lambda i: i.step)
         complete = [i for i in infos if i.status == "complete"]
         keep_steps = {i.step for i in complete[-self.keep:]}
         scored = [i for i in complete if self.best_metric and self.best_metric in i.metrics]
@@ -321,4 +332,12 @@ class CheckpointWriter:
             # Older incomplete ones are left-overs of a crash or an outage.
             stale_incomplete = info.status != "complete" and info.step < latest.step
             if (info.status == "complete" and info.step not in keep_steps) or stale_incomplete:
-                self.storage.fs.rm(info.path, recursive=True)
+                written = self._written.pop(info.step, None)
+                try:
+                    if written and not self.storage.is_local:
+                        self.storage.fs.rm(written)  # one bulk delete, no listing
+                    else:
+                        self.storage.fs.rm(info.path, recursive=True)
+                except FileNotFoundError:
+                    pass  # a failed write that left nothing behind
+                del self._index[info.step]

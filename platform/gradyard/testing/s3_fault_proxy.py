@@ -7,8 +7,8 @@ Modes, switchable while it runs:
 - ``deny_writes``: writes (PUT, POST, DELETE) get 403 AccessDenied, as with
   read-only credentials.
 
-Counters (``requests``, ``failed``, ``forwarded``) let tests check that faults
-really happened.  Binds to 127.0.0.1 only.
+Counters (``requests``, ``failed``, ``forwarded`` and ``methods``) let tests
+check that faults really happened, and which requests a client made.  Binds to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.client
 import random
 import threading
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
@@ -32,6 +33,8 @@ class FaultProxy:
         self.outage = False
         self.deny_writes = False
         self.requests = self.failed = self.forwarded = 0
+        self.methods: Counter[str] = Counter()
+        """Requests forwarded, by HTTP method (GET also lists; POST is a bulk delete)."""
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         proxy = self
@@ -86,6 +89,7 @@ class FaultProxy:
                     conn.close()
                 with proxy._lock:
                     proxy.forwarded += 1
+                    proxy.methods[self.command] += 1
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     # HEAD answers carry the object's length with no body: pass it on.
