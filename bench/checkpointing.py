@@ -14,14 +14,23 @@ round:
 3. uploads the local checkpoint's files with a plain s3fs ``put`` to the same
    endpoint: the CheckpointWriter's bytes per second (serialise, sha256,
    upload, manifest, retention) against the put's, in the same round.
+
+It also counts the CPU each background write costs: this process's (the
+writer thread and s3fs's event loop; the training thread only waits) and the
+S3 server's, with py-spy on the server during the first round's S3 write.
+On this machine the S3 server shares the training cores; that CPU is what the
+S3 contenders of the throughput benchmark pay for and production storage
+does not take.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
 from bench.env import BUCKET, Bench
+from bench.profile import Spy
 from bench.settings import Size
 from bench.stats import paired, summary
 
@@ -76,6 +85,49 @@ class _Timed:
         self.seconds.append(seconds)
 
 
+SMALL_CHECKPOINTS = 10
+
+
+def _small_state(bench: Bench, local, s3) -> dict:
+    """CPU and wall time per checkpoint of fashion-cnn's state (the throughput benchmark's small
+    workload), to local disk and to S3, ``keep=3`` as its job keeps: retention runs every time."""
+    import torch
+
+    from gradyard.checkpoint import CheckpointWriter
+
+    from bench.contenders import Workload
+    from bench.scripts.plain_models import build_model
+
+    wl = Workload("fashion-cnn", steps=1, checkpoint_every=1)
+    (shape, classes), o = wl.shape(), wl.spec().optimizer
+    model = build_model("fashion_cnn", shape, classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    torch.nn.functional.cross_entropy(model(torch.randn(2, *shape)), torch.tensor([0, 1])).backward()
+    optimizer.step()
+    cpu: dict[str, list[float]] = {"writer_local": [], "writer_s3": [], "s3_server": []}
+    wall: dict[str, list[float]] = {"local": [], "s3": []}
+    for kind, storage in (("local", local), ("s3", s3)):
+        writer = CheckpointWriter(storage, keep=wl.spec().checkpoint.keep)
+        try:
+            for i in range(1, SMALL_CHECKPOINTS + 1):
+                snap = _snapshot(model, optimizer, i)
+                t0, c0, s0 = time.perf_counter(), time.process_time(), bench.s3_cpu_seconds()
+                writer.submit(snap)
+                writer.wait()
+                wall[kind].append(time.perf_counter() - t0)
+                cpu[f"writer_{kind}"].append(time.process_time() - c0)
+                if kind == "s3":
+                    cpu["s3_server"].append(bench.s3_cpu_seconds() - s0)
+        finally:
+            writer.close()
+        if writer.failures_total:
+            raise RuntimeError(f"a small checkpoint failed to write: {writer.last_error}")
+    return {"parameters": sum(p.numel() for p in model.parameters()), "checkpoints": SMALL_CHECKPOINTS,
+            "keep": wl.spec().checkpoint.keep,
+            "cpu_seconds_per_checkpoint": {k: summary(v) for k, v in cpu.items()},
+            "write_seconds": {k: summary(v) for k, v in wall.items()}}
+
+
 def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = print) -> dict:
     import s3fs
     import torch
@@ -99,15 +151,26 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
         steps: list[float] = []
         blocked: dict[str, list[float]] = {k: [] for k in storages}
         rates: dict[str, list[float]] = {"checkpoint_writer": [], "s3fs_put": []}
+        cpu: dict[str, list[float]] = {"writer_local": [], "writer_s3": [], "s3_server": []}
+        server_profile = None
         n, nbytes = 0, 0
         for r in range(size.checkpoint_rounds):
             steps += [step() for _ in range(STEPS_PER_ROUND)]
             n += STEPS_PER_ROUND
             for kind, writer in writers.items():
-                t0 = time.perf_counter()
-                writer.submit(_snapshot(model, optimizer, n))
-                blocked[kind].append(time.perf_counter() - t0)
-                writer.wait()
+                spy = Spy(bench.s3.proc.pid, bench.tmp / "s3-server.pyspy") \
+                    if kind == "s3" and r == 0 else contextlib.nullcontext()
+                with spy:
+                    t0 = time.perf_counter()
+                    writer.submit(_snapshot(model, optimizer, n))
+                    blocked[kind].append(time.perf_counter() - t0)
+                    c0, s0 = time.process_time(), bench.s3_cpu_seconds()
+                    writer.wait()
+                    cpu[f"writer_{kind}"].append(time.process_time() - c0)
+                    if kind == "s3":
+                        cpu["s3_server"].append(bench.s3_cpu_seconds() - s0)
+                if isinstance(spy, Spy):
+                    server_profile = spy.result
             local_dir = storages["local"].join("checkpoints", checkpoint_dirname(n))
             nbytes = sum(storages["local"].fs.du(local_dir, total=False).values())
             rates["checkpoint_writer"].append(nbytes / timers["s3"].seconds[-1])
@@ -121,12 +184,17 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
                 f"{rates['checkpoint_writer'][-1] / 1e6:.0f} MB/s, s3fs put {rates['s3fs_put'][-1] / 1e6:.0f} MB/s")
         if not all(all(t.ok) for t in timers.values()):
             raise RuntimeError("a checkpoint failed to write")
+        small = _small_state(bench, storages["local"].child("small"),
+                             open_storage(f"s3://{BUCKET}/ckpt-bench-small", endpoint_url=bench.s3.endpoint))
+        say(f"  fashion-cnn-sized checkpoints: {small['cpu_seconds_per_checkpoint']}")
         mean_step = sum(steps) / len(steps)
         by_storage = {kind: {"blocked_seconds": summary(v),
                              "blocked_over_mean_step": summary([b / mean_step for b in v]),
                              "background_write_seconds": summary(timers[kind].seconds)}
                       for kind, v in blocked.items()}
         return {"parameters": params, "checkpoint_bytes": nbytes, "batch": BATCH, "threads": 1,
+                "cpu_seconds_per_checkpoint": {k: summary(v) for k, v in cpu.items()},
+                "s3_server_profile": server_profile, "small_state": small,
                 "step_seconds": summary(steps), "by_storage": by_storage,
                 "upload": {"bytes": nbytes, "bytes_per_second": {k: summary(v) for k, v in rates.items()},
                            "ratio": summary(paired(rates["checkpoint_writer"], rates["s3fs_put"])),

@@ -210,13 +210,7 @@ def gradyard_command(bench: Bench, wl: Workload, storage: str, mode: str,
 
 
 def _s3_cpu_seconds(bench: Bench, storage_kind: str) -> Optional[float]:
-    """CPU seconds the S3 server has used so far (it shares this machine's cores)."""
-    if storage_kind != "s3":
-        return None
-    from gradyard.testing.processes import psutil as _psutil
-
-    t = _psutil().Process(bench.s3.proc.pid).cpu_times()
-    return t.user + t.system
+    return bench.s3_cpu_seconds() if storage_kind == "s3" else None
 
 
 def _gradyard_result(bench: Bench, wl: Workload, storage: str, t0: float, cpu0) -> dict:

@@ -189,6 +189,13 @@ class Bench:
         if status != JobStatus.SUCCEEDED:
             raise BenchError(f"{name}: job {sid} ended {status}\n{_tail(log)}")
 
+    def s3_cpu_seconds(self) -> float:
+        """CPU seconds the S3 server has used so far (it shares this machine's cores)."""
+        from gradyard.testing.processes import psutil
+
+        t = psutil().Process(self.s3.proc.pid).cpu_times()
+        return t.user + t.system
+
     @property
     def s3(self):
         if self._s3 is None:

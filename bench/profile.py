@@ -19,6 +19,8 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
+from typing import Optional
 
 from bench.contenders import Workload, gradyard_command, gradyard_storage, read_summary
 from bench.env import ROOT, VENV_BIN, Bench
@@ -75,6 +77,45 @@ def parse_raw(text: str) -> dict:
 
 
 _NOT_LOOP = ("outside the training loop", "background: checkpoint writer thread")
+
+
+def leaf_functions(text: str, top: int = 8) -> dict:
+    """py-spy ``--format raw`` of any process → its busiest innermost Python functions."""
+    counts: Counter = Counter()
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = _frames(stack) if count.isdigit() else []
+        if frames:
+            func, file = frames[-1]
+            counts[f"{func} ({os.path.basename(file)})"] += int(count)
+    total = sum(counts.values())
+    return {"samples": total,
+            "functions": [{"function": k, "samples": v, "share": v / total} for k, v in counts.most_common(top)]}
+
+
+class Spy:
+    """``py-spy record`` of one process while the ``with`` block runs; ``.result`` on exit."""
+
+    def __init__(self, pid: int, out: Path, rate: int = 100):
+        self.pid, self.out, self.rate = pid, out, rate
+        self.result: Optional[dict] = None
+
+    def __enter__(self) -> "Spy":
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "py-spy"), "record", "--pid", str(self.pid), "--nonblocking", "--format",
+             "raw", "--rate", str(self.rate), "--output", str(self.out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # attached before the work starts
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGINT)  # py-spy writes what it has on Ctrl-C
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        if self.out.exists():
+            self.result = leaf_functions(self.out.read_text())
 
 
 def _ray_workers(timeout: float = 180) -> list[int]:

@@ -47,6 +47,9 @@ def test_every_benchmark_runs_once(tmp_path):
     ck = doc["benchmarks"]["checkpoint"]
     assert ck["parameters"] == 61_100_840 and ck["checkpoint_bytes"] > 4e8
     assert ck["upload"]["ratio"]["median"] > 0
+    for state in (ck["cpu_seconds_per_checkpoint"], ck["small_state"]["cpu_seconds_per_checkpoint"]):
+        assert state["writer_s3"]["median"] > 0 and state["s3_server"]["n"] > 0
+    assert ck["s3_server_profile"]["samples"] > 0  # py-spy could attach to the S3 server
     assert doc["benchmarks"]["recovery"]["seconds_to_first_resumed_step"]["median"] > 0
     sub = doc["benchmarks"]["submit"]
     assert not sub["available"] or sub["seconds_to_first_step"]["gradyard"]["median"] > 0
