@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.stats import fmt, summary
+from bench.stats import fmt, paired, summary
 
 LABELS = {
     "torchrun": "plain torchrun DDP",
@@ -139,12 +139,25 @@ def _s3_gap(w: dict, cpu: dict, ckpt: dict) -> str:
     extra = n / rates["gradyard_s3"]["median"] - n / rates["gradyard_local"]["median"]
     waited = (summary(_in_window(w, "gradyard_s3")).get("median", 0.0)
               - summary(_in_window(w, "gradyard_local")).get("median", 0.0))
+    rate = lambda name: [x["steps_per_second"] for x in w["raw"][name]]  # noqa: E731
+    s3_local = summary(paired(rate("gradyard_s3"), rate("gradyard_local")))
     text = (f"Only the S3 contender misses; the same gradyard code with local checkpoints: {local}. "
-            "The plain scripts checkpoint to local disk, as their tutorials do. Over the "
-            f"{n} timed steps gradyard → S3 took {extra:.2f} s longer than gradyard → local disk "
-            f"(medians). Of that, {max(waited, 0.0):.2f} s is training blocked at a checkpoint, "
-            "waiting for the previous upload to finish (the writer keeps one in flight); the rest "
-            "is steps running slower beside the upload. ")
+            "The plain scripts checkpoint to local disk, as their tutorials do. gradyard → S3 ran "
+            f"at {s3_local.get('median', float('nan')):.3f}× gradyard → local disk (median of rounds, "
+            f"{s3_local.get('min', float('nan')):.3f}–{s3_local.get('max', float('nan')):.3f}); "
+            f"over the {n} timed steps it "
+            f"took {extra:.2f} s longer (medians). Of that, {max(waited, 0.0):.2f} s is training "
+            "blocked at a checkpoint, waiting for the previous upload to finish (the writer keeps "
+            "one in flight); the rest is steps running slower beside the upload. ")
+    split = [w["ratios"].get(k) for k in ("gradyard_torchrun/torchrun", "gradyard_local/gradyard_torchrun")]
+    ray_share = ""
+    if s3_local.get("n") and s3_local["median"] >= 0.96 and all(split):
+        ray_share = ("The upload's cost is small here; the rest of the distance to plain torchrun "
+                     f"is Ray's: gradyard's worker under torchrun is {_ratio(split[0])} plain "
+                     f"torchrun, and the same worker on Ray {_ratio(split[1])} of itself under "
+                     "torchrun (Ray's worker processes, raylet, GCS and Train controller on the "
+                     "same two cores; plain Ray Train pays more, see its row). Only the S3 "
+                     "contender has no margin left for the upload.")
     small = ckpt.get("small_state") if wl["job"] == "fashion-cnn" else None
     costs = small["cpu_seconds_per_checkpoint"] if small else ckpt.get("cpu_seconds_per_checkpoint")
     if costs and costs.get("s3_server", {}).get("n"):
@@ -166,7 +179,7 @@ def _s3_gap(w: dict, cpu: dict, ckpt: dict) -> str:
                  "the price of not blocking training, which it also pays to local disk.")
     else:
         text += "**Not explained**: benchmark 2's CPU counts are missing from this run."
-    return text
+    return (text + " " + ray_share).strip()
 
 
 def _profile(p: dict | None) -> list[str]:
@@ -271,6 +284,8 @@ def _telemetry(b: dict, doc: dict) -> list[str]:
     out = [f"gradyard's worker code on fashion-cnn ({wl['workers']} torchrun workers × batch "
            f"{wl['batch_per_worker']}, a checkpoint every {wl['checkpoint_every']} steps), built twice "
            f"in the same processes, telemetry on and off, taking turns every {wl['block_steps']} steps "
+           "in the order A B B A, A B B A (each arm first in half the pairs; runs alternate which "
+           "arm is A) "
            f"for {wl['steps']} steps each (the first {wl['warmup_steps']} not recorded; "
            "`bench/scripts/telemetry_ab.py`). Each run's ratio is its total time on over off for the "
            "same steps; the FLOP-counted steps and the checkpoints fall inside the turns. Whole-job "

@@ -10,8 +10,8 @@ Each worker builds the same job twice with gradyard's own worker code
 ``telemetry.enabled=true`` and once with ``false``, each with its own model,
 DDP wrapper and run directory.  Each trainer's ``fit()`` runs in its own
 thread, and a baton hands the workers' one CPU back and forth every
-``--block`` steps (on, off, on, off, ...), so only one trainer steps at a
-time.  Both ranks hand over at the same steps, so their collectives stay in
+``--block`` steps (on, off, off, on, on, off, ...), so only one trainer steps
+at a time.  Both ranks hand over at the same steps, so their collectives stay in
 the same order.
 
 Whole-job runs on two shared cores differ by ±10% from one run to the next
@@ -49,10 +49,18 @@ ARMS = ("on", "off")
 
 
 class Baton:
-    """Whose turn it is; each arm's clock runs only while it holds the baton."""
+    """Whose turn it is; each arm's clock runs only while it holds the baton.
+
+    Turns go A B B A, A B B A, ... (A the ``first`` arm): each arm takes the first
+    block of half the pairs, so an advantage of going first or second in a pair
+    cancels inside every run (with strict A B A B, runs that started with the
+    off arm measured ~2% higher than runs that started with the on arm).
+    """
 
     def __init__(self, first: str = ARMS[0]) -> None:
+        self.first = first
         self.turn = first
+        self.handovers = 0
         self.cond = threading.Condition()
         self.failed: BaseException | None = None
         self.started: dict[str, float] = {}
@@ -65,11 +73,15 @@ class Baton:
                 raise RuntimeError("the other arm failed")
         self.started[arm] = time.perf_counter()
 
-    def pass_on(self, arm: str, record: bool) -> None:
+    def pass_on(self, arm: str, record: bool, done: bool = False) -> None:
+        """End ``arm``'s block; the next block is the sequence's, or the other arm's once ``done``."""
         if record:
             self.blocks[arm].append(time.perf_counter() - self.started[arm])
         with self.cond:
-            self.turn = ARMS[1 - ARMS.index(arm)]
+            self.handovers += 1
+            second = ARMS[1 - ARMS.index(self.first)]
+            self.turn = (ARMS[1 - ARMS.index(arm)] if done
+                         else self.first if self.handovers % 4 in (0, 3) else second)
             self.cond.notify_all()
 
     def fail(self, exc: BaseException) -> None:
@@ -109,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=50, help="steps before the first recorded block")
     p.add_argument("--out", required=True)
     p.add_argument("--first", choices=ARMS, default="on",
-                   help="the arm that takes the first turn (alternate it between runs)")
+                   help="the arm that takes the first turn (alternated between runs too)")
     p.add_argument("--drop", default="", help="comma-separated callback classes left out of the "
                    "telemetry arm (to attribute the overhead to its parts)")
     args = p.parse_args(argv)
@@ -137,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             baton.fail(exc)
             return
-        baton.pass_on(arm, record=False)  # after its evaluation: the other arm's last block
+        baton.pass_on(arm, record=False, done=True)  # after its evaluation: the other arm's last block
 
     t0 = time.perf_counter()
     for arm in ARMS:
