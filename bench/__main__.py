@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(), "versions": versions(), "environment": environment,
         "benchmarks": results,
     }, partial=bool(args.only))
+    if not args.only and size is FULL:  # what `make bench` took, kept across later --only runs
+        doc["last_full_run"] = {k: doc[k] for k in ("command", "generated_at", "total_seconds")}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n")
     args.docs.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +110,8 @@ def _merge(path: Path, new: dict, partial: bool) -> dict:
     except (OSError, ValueError):
         return new
     benchmarks = {**old.get("benchmarks", {}), **new["benchmarks"]}
-    return {**new, "benchmarks": {n: benchmarks[n] for n in NAMES if n in benchmarks}}
+    return {**new, "benchmarks": {n: benchmarks[n] for n in NAMES if n in benchmarks},
+            "last_full_run": old.get("last_full_run")}
 
 
 if __name__ == "__main__":

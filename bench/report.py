@@ -367,6 +367,11 @@ def render(doc: dict) -> str:
            "edits here are overwritten. -->", "",
            f"Generated {doc['generated_at']} by `{doc['command']}` in {doc['total_seconds'] / 60:.1f} min.",
            ""]
+    full = doc.get("last_full_run")
+    if full and full.get("generated_at") != doc["generated_at"]:
+        out += [f"Later runs replaced some sections (each says when it was measured); the last "
+                f"complete `make bench` (`{full['command']}`) ended {full['generated_at']} after "
+                f"{full['total_seconds'] / 60:.1f} min.", ""]
     if doc["size"] != "full":
         out += [f"**Size `{doc['size']}`: fewer rounds ({doc['repeats']}) and shorter runs than "
                 "`make bench`. These numbers only show that the benchmarks run; do not quote them.**", ""]
