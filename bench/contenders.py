@@ -209,16 +209,12 @@ def gradyard_command(bench: Bench, wl: Workload, storage: str, mode: str,
     return cmd
 
 
-def _s3_cpu_seconds(bench: Bench, storage_kind: str) -> Optional[float]:
-    return bench.s3_cpu_seconds() if storage_kind == "s3" else None
-
-
 def _gradyard_result(bench: Bench, wl: Workload, storage: str, t0: float, cpu0) -> dict:
     summary = read_summary(bench, storage, wl.spec().name)
     res = _result(summary, t0)
     res["restarts"] = summary["restarts"]
     if cpu0 is not None:
-        res["s3_server_cpu_seconds"] = round(_s3_cpu_seconds(bench, "s3") - cpu0, 2)
+        res["s3_server_cpu_seconds"] = round(bench.s3_cpu_seconds() - cpu0, 2)
     return res
 
 
@@ -226,7 +222,7 @@ def run_gradyard(bench: Bench, wl: Workload, storage_kind: str, mode: str = "cli
                  env: Optional[dict] = None, extra: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
     storage, sextra = gradyard_storage(bench, storage_kind)
     cmd = gradyard_command(bench, wl, storage, mode, (*sextra, *extra))
-    cpu0 = _s3_cpu_seconds(bench, storage_kind)
+    cpu0 = bench.s3_cpu_seconds() if storage_kind == "s3" else None
     if env:
         t0 = bench.run(cmd, name=f"gradyard-{storage_kind}-{mode}", env=env)
     else:
@@ -241,7 +237,7 @@ def run_gradyard_torchrun(bench: Bench, wl: Workload, storage_kind: str = "local
            "-m", "gradyard.train", str(JOBS / f"{wl.job}.yaml"), "--storage", storage]
     for o in [*wl.overrides(), *sextra]:
         cmd += ["--set", o]
-    cpu0 = _s3_cpu_seconds(bench, storage_kind)
+    cpu0 = bench.s3_cpu_seconds() if storage_kind == "s3" else None
     t0 = bench.run(cmd, name="gradyard-torchrun")
     return _gradyard_result(bench, wl, storage, t0, cpu0), cmd
 

@@ -79,6 +79,14 @@ def parse_raw(text: str) -> dict:
 _NOT_LOOP = ("outside the training loop", "background: checkpoint writer thread")
 
 
+def _record(pid: int, out: Path, rate: int = 100) -> subprocess.Popen:
+    """``py-spy record`` of one process into ``out`` (raw format) until it exits or gets SIGINT."""
+    return subprocess.Popen(
+        [str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--nonblocking", "--format", "raw",
+         "--rate", str(rate), "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def leaf_functions(text: str, top: int = 8) -> dict:
     """py-spy ``--format raw`` of any process → its busiest innermost Python functions."""
     counts: Counter = Counter()
@@ -101,10 +109,7 @@ class Spy:
         self.result: Optional[dict] = None
 
     def __enter__(self) -> "Spy":
-        self.proc = subprocess.Popen(
-            [str(VENV_BIN / "py-spy"), "record", "--pid", str(self.pid), "--nonblocking", "--format",
-             "raw", "--rate", str(self.rate), "--output", str(self.out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = _record(self.pid, self.out, self.rate)
         time.sleep(1.0)  # attached before the work starts
         return self
 
@@ -151,10 +156,7 @@ def profile_gradyard(bench: Bench, wl: Workload, storage_kind: str, mode: str) -
     try:
         for pid in _ray_workers():
             out = folder / f"{pid}.txt"
-            spies.append((out, subprocess.Popen(
-                [str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--nonblocking", "--format",
-                 "raw", "--rate", "100", "--output", str(out)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            spies.append((out, _record(pid, out)))
         if run.wait(timeout=900) != 0:
             raise RuntimeError(f"the profiled run failed (see {folder / 'run.log'})")
         for _, spy in spies:
