@@ -13,7 +13,7 @@ gradyard also runs as its bare worker under ``torchrun -m gradyard.train``,
 which splits a gap to plain torchrun into gradyard's code and Ray's.
 
 Every contender reports its own in-loop timing: the time of the end of its
-first step (``first_step_at``) and its steps per second after the first 10
+first step (``first_step_at``) and its steps per second after the first 7
 steps of the run (``steady_steps_per_second``; checkpoint stalls included).
 gradyard writes both into its summary.json; the plain scripts into ``--out``.
 """

@@ -2,11 +2,14 @@
 
 A real gradyard run on the bench's Ray cluster (fashion-cnn, 2 workers,
 checkpoints every 10 steps to local disk) whose rank 1 SIGKILLs itself after
-step 25 (gradyard.testing.faults, through GRADYARD_FAULTS).  The fault hook
-writes the time of the kill just before it; the summary of the resumed attempt
-has ``first_step_at``; ``attempts.json`` has when the new worker group's
-rank 0 started, which splits the figure into "Ray notices and restarts the
-workers" and "gradyard resumes from the checkpoint and takes a step".
+steps 25, 45, 65, ... (gradyard.testing.faults, through GRADYARD_FAULTS): one
+kill per repeat, each 5 steps after a checkpoint, all in one run, so the
+repeats pay Ray's job start-up once.  Each kill is a separate recovery: Ray
+Train notices the dead worker, starts a new worker group, and gradyard resumes
+from the newest checkpoint.  The fault hook logs the time of each kill just
+before it and rank 0's first step of every attempt; ``attempts.json`` has when
+each worker group started, which splits every figure into "Ray notices and
+restarts the workers" and "gradyard resumes from the checkpoint and takes a step".
 """
 
 from __future__ import annotations
@@ -24,35 +27,65 @@ NAME = "recovery"
 TITLE = "Recovery after a worker's SIGKILL"
 NEEDS_CLUSTER = True
 
-KILL_AT = 25
+FIRST_KILL = 25
+KILL_EVERY = 20
 EVERY = 10
 
 
+def kill_steps(n: int) -> list[int]:
+    return [FIRST_KILL + KILL_EVERY * i for i in range(n)]
+
+
+def timeline(events: list[dict], start_times: list[float], kills: list[int]) -> list[dict]:
+    """One record per kill: when it happened, when the next worker group started, and the
+    resumed attempt's first step (which must come right after the checkpoint before the kill)."""
+    killed = [e for e in events if e["event"] == "kill"]
+    firsts = [e for e in events if e["event"] == "first_step"]
+    if [e["step"] for e in killed] != kills:
+        raise RuntimeError(f"expected kills at steps {kills}, the fault log has "
+                           f"{[e['step'] for e in killed]}")
+    out = []
+    for k in killed:
+        start = min((t for t in start_times if t > k["time"]), default=None)
+        first = next((e for e in firsts if e["time"] > k["time"]), None)
+        resumed = k["step"] // EVERY * EVERY
+        if start is None or first is None or first["step"] != resumed + 1:
+            raise RuntimeError(f"after the kill at step {k['step']}: worker group start {start}, "
+                               f"first step {first}; expected a resume from step {resumed}")
+        out.append({"killed_at_step": k["step"], "resumed_from_step": resumed,
+                    "seconds_to_first_resumed_step": first["time"] - k["time"],
+                    "kill_to_new_worker_group": start - k["time"],
+                    "new_worker_group_to_first_step": first["time"] - start})
+    return out
+
+
 def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = print) -> dict:
-    wl = Workload("fashion-cnn", steps=KILL_AT + max(size.short_steps, 15), checkpoint_every=EVERY)
-    total, restart, resume, cmd = [], [], [], None
-    for r in range(size.recovery_rounds):
-        storage = bench.fresh("recovery")
-        marker = storage / "killed"
-        faults = {"kill_at_step": KILL_AT, "kill_rank": 1, "marker": str(marker)}
-        cmd = gradyard_command(bench, wl, str(storage), "client")
-        bench.run(cmd, name="recovery", env={"GRADYARD_FAULTS": json.dumps(faults)})
-        run_dir = storage / wl.spec().name
-        s = read_json(run_dir / "summary.json")
-        attempts = read_json(run_dir / "attempts.json")
-        if s["restarts"] != 1 or s["resumed_from_step"] != KILL_AT // EVERY * EVERY:
-            raise RuntimeError(f"expected one restart from step {KILL_AT // EVERY * EVERY}, got "
-                               f"{s['restarts']} from {s['resumed_from_step']}")
-        killed_at = float(marker.read_text().split()[0])
-        total.append(s["first_step_at"] - killed_at)
-        restart.append(attempts["last_start"] - killed_at)
-        resume.append(s["first_step_at"] - attempts["last_start"])
-        say(f"  recovery round {r + 1}/{size.recovery_rounds}: {total[-1]:.2f}s "
-            f"(restart {restart[-1]:.2f}s + resume {resume[-1]:.2f}s)")
-        shutil.rmtree(storage, ignore_errors=True)
-    return {"kill_at_step": KILL_AT, "checkpoint_every": EVERY, "resumed_from_step": KILL_AT // EVERY * EVERY,
-            "seconds_to_first_resumed_step": summary(total),
-            "kill_to_new_worker_group": summary(restart),
-            "new_worker_group_to_first_step": summary(resume),
-            "command": "GRADYARD_FAULTS='{\"kill_at_step\": 25, \"kill_rank\": 1, \"marker\": ...}' "
-                       + bench.shown(cmd)}
+    kills = kill_steps(size.recovery_rounds)
+    wl = Workload("fashion-cnn", steps=kills[-1] + 15, checkpoint_every=EVERY)
+    storage = bench.fresh("recovery")
+    marker = storage / "faults.log"
+    faults = {"kill_at_step": kills, "kill_rank": 1, "marker": str(marker)}
+    cmd = gradyard_command(bench, wl, str(storage), "client",
+                           (f"failure.max_failures={len(kills)}",))
+    bench.run(cmd, name="recovery", env={"GRADYARD_FAULTS": json.dumps(faults)})
+    from gradyard.testing.faults import read_marker
+
+    run_dir = storage / wl.spec().name
+    s = read_json(run_dir / "summary.json")
+    attempts = read_json(run_dir / "attempts.json")
+    if s["restarts"] != len(kills):
+        raise RuntimeError(f"expected {len(kills)} restarts, got {s['restarts']}")
+    rounds = timeline(read_marker(str(marker)), attempts["start_times"], kills)
+    for i, r in enumerate(rounds):
+        say(f"  recovery {i + 1}/{len(rounds)} (kill at step {r['killed_at_step']}): "
+            f"{r['seconds_to_first_resumed_step']:.2f}s (restart {r['kill_to_new_worker_group']:.2f}s"
+            f" + resume {r['new_worker_group_to_first_step']:.2f}s)")
+    shutil.rmtree(storage, ignore_errors=True)
+    shown = json.dumps({**faults, "marker": "..."})
+    return {"kill_at_steps": kills, "checkpoint_every": EVERY,
+            "resumed_from_steps": [r["resumed_from_step"] for r in rounds],
+            "rounds": rounds,
+            **{k: summary([r[k] for r in rounds]) for k in (
+                "seconds_to_first_resumed_step", "kill_to_new_worker_group",
+                "new_worker_group_to_first_step")},
+            "command": f"GRADYARD_FAULTS='{shown}' " + bench.shown(cmd)}

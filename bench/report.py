@@ -264,11 +264,15 @@ def _checkpoint_cpu(b: dict) -> list[str]:
 
 
 def _recovery(b: dict, doc: dict) -> list[str]:
+    kills = b.get("kill_at_steps") or [b["kill_at_step"]]
+    resumed = b.get("resumed_from_steps") or [b["resumed_from_step"]]
     return [f"gradyard on the bench's Ray cluster (fashion-cnn, 2 workers, checkpoints every "
             f"{b['checkpoint_every']} steps to local disk, telemetry on); rank 1 SIGKILLs itself "
-            f"after step {b['kill_at_step']}; Ray Train restarts the worker group and gradyard "
-            f"resumes from step {b['resumed_from_step']}. Not a comparison: the page gives the "
-            "absolute time and what it is made of.", "",
+            f"after step{'s' if len(kills) > 1 else ''} {', '.join(map(str, kills))}, one kill per "
+            f"repeat in the same run; each time Ray Train restarts the worker group and gradyard "
+            f"resumes from the checkpoint before the kill (step{'s' if len(resumed) > 1 else ''} "
+            f"{', '.join(map(str, resumed))}). Not a comparison: the page gives the absolute time "
+            "and what it is made of.", "",
             "| interval | seconds, median (min–max) |", "|---|---|",
             f"| SIGKILL → first resumed step ends | {fmt(b['seconds_to_first_resumed_step'])} |",
             f"| SIGKILL → new worker group's rank 0 starts (Ray: detect, tear down, restart) | "
@@ -407,10 +411,10 @@ def render(doc: dict) -> str:
 
 NOTES = [
     "## Method notes", "",
-    "- Steady state: each contender times its own loop from the end of step 10 to the end of its "
+    "- Steady state: each contender times its own loop from the end of step 7 to the end of its "
     "last step (gradyard: `steady_steps_per_second` in summary.json, from "
-    "`gradyard.trainer.StepClock`; the plain scripts do the same). The first 10 steps hold "
-    "start-up, gradyard's one-off FLOP count (step 1) and its analysis census (steps 2-6).",
+    "`gradyard.trainer.StepClock`; the plain scripts do the same). The first 7 steps hold "
+    "start-up, gradyard's one-off FLOP count (step 1) and its analysis census (steps 3-7).",
     "- Checkpoints: the plain scripts save model + optimizer state synchronously on rank 0, as "
     "their tutorials do (`torch.save`; `ray.train.report(checkpoint=...)`); gradyard copies state "
     "to host memory and writes in a background thread, which shares the machine's cores with the "

@@ -11,23 +11,24 @@ class Size:
     repeats: int
     """Interleaved rounds (A B C, A B C, ...) of every comparison."""
     fashion_steps: int = 210
-    """Optimizer steps of each fashion-cnn throughput run (the first 10 are warm-up)."""
+    """Optimizer steps of each fashion-cnn throughput run (the first 7 are warm-up)."""
     fashion_checkpoint_every: int = 100
     """Checkpoint interval of the throughput runs, in steps, for every contender."""
-    alexnet_steps: int = 16
+    alexnet_steps: int = 14
     """Optimizer steps of each AlexNet throughput run; 0 leaves AlexNet out.  With a checkpoint
-    every 8, each contender pays for one checkpoint inside the timing (steps 11-16): its save at
-    step 16, and for gradyard also the rest of step 8's background write, beside steps 9-16."""
-    alexnet_checkpoint_every: int = 8
+    every 7, each contender pays for one checkpoint inside the timing (steps 8-14): its save at
+    step 14, and for gradyard also step 7's background write, which runs beside steps 8-14
+    (step 7's hand-off, and the plain scripts' whole save at step 7, end before the timing)."""
+    alexnet_checkpoint_every: int = 7
     alexnet_batch_size: int = 4
     """Per-worker batch of AlexNet on CPU (small: the 30-minute budget of `make bench`)."""
     checkpoint_rounds: int = 5
     """Checkpoints taken per storage in the AlexNet-state checkpoint benchmark."""
     recovery_rounds: int = 5
-    """SIGKILLed runs in the recovery benchmark."""
+    """SIGKILLs (each followed by a restart and a resume) in the recovery benchmark's run."""
     short_steps: int = 12
     """Steps of the start-up and submission runs (only the first one is timed)."""
-    telemetry_ab_steps: int = 1000
+    telemetry_ab_steps: int = 600
     """Steps of each arm in each in-run telemetry on/off comparison (turns of 25 steps)."""
     submit_warmup: bool = True
     """Cache the working directory on the cluster with one untimed submission first."""
@@ -37,9 +38,9 @@ class Size:
 
 
 FULL = Size("full", repeats=5)
-QUICK = Size("quick", repeats=2, fashion_steps=110, fashion_checkpoint_every=50, alexnet_steps=14,
-             alexnet_checkpoint_every=7, alexnet_batch_size=2, checkpoint_rounds=2,
-             recovery_rounds=2, short_steps=12, telemetry_ab_steps=500)
+QUICK = Size("quick", repeats=2, fashion_steps=110, fashion_checkpoint_every=50, alexnet_steps=10,
+             alexnet_checkpoint_every=5, alexnet_batch_size=2, checkpoint_rounds=2,
+             recovery_rounds=2, short_steps=12, telemetry_ab_steps=300)
 SMOKE = Size("smoke", repeats=1, fashion_steps=30, fashion_checkpoint_every=10, alexnet_steps=0,
              checkpoint_rounds=1, recovery_rounds=1, short_steps=12, submit_warmup=False,
              telemetry_ab_steps=150)

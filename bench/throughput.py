@@ -98,11 +98,12 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
                 contenders[TELEMETRY_OFF] = lambda b, w, m=mode: run_gradyard(b, off, "local", m)
         raw, commands = rounds(bench, wl, contenders, size.repeats, say)
         result = compare(raw)
+        from gradyard.trainer import STEADY_AFTER_STEPS
         shape, classes = wl.shape()
         workload = {"job": wl.job, "model": wl.spec().model.arch, "parameters": params,
                     "input_shape": list(shape), "classes": classes, "batch_per_worker": wl.batch,
                     "workers": wl.workers, "steps": wl.steps, "checkpoint_every": wl.checkpoint_every,
-                    "timed_steps": wl.steps - 10, "launch": mode}
+                    "timed_steps": wl.steps - STEADY_AFTER_STEPS, "launch": mode}
         result.update(workload=workload, raw=raw, commands=commands)
         result["s3_server_cpu_seconds"] = summary(
             [x.get("s3_server_cpu_seconds") for x in raw["gradyard_s3"]])

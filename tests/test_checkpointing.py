@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -296,3 +297,28 @@ def test_writer_keeps_the_newest_and_the_best_and_clears_leftovers(where, s3, bu
             counts = per_checkpoint[step]
             assert counts["GET"] == 0 and counts["HEAD"] == 0, (step, counts)
             assert counts["PUT"] == 3 and counts["POST"] == (step == 60), (step, counts)
+
+
+def test_fault_hook_kills_once_at_each_listed_step(tmp_path):
+    """The recovery benchmark's one run of many kills: each listed step kills once, in order,
+    and every attempt's first step is logged (no Ray: the 'attempts' are plain processes)."""
+    marker = tmp_path / "faults.log"
+    script = ("import sys, types\n"
+              "from gradyard.events import Event\n"
+              "from gradyard.testing.faults import build_fault_callbacks\n"
+              "start = int(sys.argv[1])\n"
+              f"cbs = build_fault_callbacks({{'kill_at_step': [3, 5], 'kill_rank': 0, "
+              f"'marker': {str(marker)!r}}})\n"
+              "for step in range(start + 1, 8):\n"
+              "    for cb in cbs: cb.on_event(Event.BATCH_END, types.SimpleNamespace(step=step, rank=0))\n")
+    from gradyard.testing.faults import read_marker
+
+    codes, start = [], 0
+    for _ in range(3):  # each "restart" resumes from the step before its kill
+        r = subprocess.run([sys.executable, "-c", script, str(start)], timeout=60)
+        codes.append(r.returncode)
+        kills = [e["step"] for e in read_marker(str(marker)) if e["event"] == "kill"]
+        start = kills[-1] - 1 if kills else start
+    assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0]
+    events = [(e["event"], e["step"]) for e in read_marker(str(marker))]
+    assert events == [("first_step", 1), ("kill", 3), ("first_step", 3), ("kill", 5), ("first_step", 5)]

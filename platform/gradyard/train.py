@@ -92,11 +92,17 @@ def _write_json(storage: Storage, name: str, data: dict) -> None:
 
 
 def _record_attempt(storage: Storage) -> dict:
-    """Count worker-group starts for this run directory (restarts = starts - 1)."""
+    """Count worker-group starts for this run directory (restarts = starts - 1).
+
+    ``start_times`` lists when each start began (``time.time()`` on rank 0),
+    so a run's restarts can be timed against its logs.
+    """
+    now = time.time()
     rec = _read_json(storage, "attempts.json") or {
-        "run_id": uuid.uuid4().hex[:12], "starts": 0, "started_at": time.time()}
+        "run_id": uuid.uuid4().hex[:12], "starts": 0, "started_at": now}
     rec["starts"] += 1
-    rec["last_start"] = time.time()
+    rec["last_start"] = now
+    rec["start_times"] = [*rec.get("start_times", []), now][-100:]
     _write_json(storage, "attempts.json", rec)
     return rec
 

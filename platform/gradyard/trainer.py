@@ -77,9 +77,10 @@ class TrainState:
     stop: bool = False
 
 
-STEADY_AFTER_STEPS = 10
-"""Steps of each attempt left out of the steady-state rate: warm-up, the first
-step's FLOP count and the analysis census (steps 2-6) are not steady state."""
+STEADY_AFTER_STEPS = 7
+"""Steps of each attempt left out of the steady-state rate: the first step
+(warm-up and the one-off FLOP count) and the analysis census (steps 3-7:
+three timed steps, one counted, one profiled) are not steady state."""
 
 
 class StepClock:

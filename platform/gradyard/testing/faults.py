@@ -1,8 +1,14 @@
 """Faults injected into real training workers, for the recovery tests and benchmarks.
 
 ``run_job(..., faults={"kill_at_step": 27, "kill_rank": 1, "marker": PATH})``
-makes that rank SIGKILL its own process right after optimizer step 27, once
-(the marker file records that it happened, so the restarted worker goes on).
+makes that rank SIGKILL its own process right after optimizer step 27, once:
+the marker file records each kill, so the restarted worker goes on.  A list
+(``"kill_at_step": [25, 45, 65]``) kills once at each of those steps, so one
+run measures several recoveries.  The marker is a log, one line per event:
+
+    <time.time()> kill step=<step> pid=<pid>         the rank about to SIGKILL itself
+    <time.time()> first_step step=<step> pid=<pid>   rank 0's first step of each attempt
+
 The kill is a real SIGKILL of a real Ray Train worker: nothing is mocked.
 """
 
@@ -15,17 +21,49 @@ import time
 from gradyard.events import Callback, Event
 
 
+def read_marker(path: str) -> list[dict]:
+    """The marker's events in order: ``{"time", "event", "step", "pid"}``."""
+    out = []
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        t, event, *fields = line.split()
+        rec = {"time": float(t), "event": event}
+        rec.update((k, int(v)) for k, v in (x.split("=", 1) for x in fields))
+        out.append(rec)
+    return out
+
+
+def _append(path: str, event: str, step: int) -> None:
+    # One short O_APPEND write per line: the ranks' lines never interleave.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, f"{time.time()} {event} step={step} pid={os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
 class KillAtStep(Callback):
     name = "fault_kill"
 
-    def __init__(self, step: int, rank: int, marker: str):
-        self.step, self.rank, self.marker = step, rank, marker
+    def __init__(self, steps: int | list[int], rank: int, marker: str):
+        self.steps = {int(s) for s in (steps if isinstance(steps, (list, tuple)) else [steps])}
+        self.rank, self.marker = rank, marker
+        self._first = True
 
     def on_event(self, event: Event, state) -> None:
-        if (event is Event.BATCH_END and state.step == self.step and state.rank == self.rank
-                and not os.path.exists(self.marker)):
-            with open(self.marker, "w") as f:
-                f.write(f"{time.time()} pid={os.getpid()} step={state.step}\n")
+        if event is not Event.BATCH_END:
+            return
+        if self._first and state.rank == 0:
+            self._first = False
+            _append(self.marker, "first_step", state.step)
+        if (state.step in self.steps and state.rank == self.rank
+                and not any(e["event"] == "kill" and e["step"] == state.step
+                            for e in read_marker(self.marker))):
+            _append(self.marker, "kill", state.step)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -45,7 +83,7 @@ class SlowSteps(Callback):
 def build_fault_callbacks(faults: dict) -> list[Callback]:
     cbs: list[Callback] = []
     if "kill_at_step" in faults:
-        cbs.append(KillAtStep(int(faults["kill_at_step"]), int(faults.get("kill_rank", 0)),
+        cbs.append(KillAtStep(faults["kill_at_step"], int(faults.get("kill_rank", 0)),
                               faults["marker"]))
     if faults.get("sleep_per_step"):
         cbs.append(SlowSteps(float(faults["sleep_per_step"])))
