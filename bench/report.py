@@ -65,7 +65,9 @@ def _failed(b: dict) -> list[str]:
 
 
 def _throughput(b: dict, doc: dict) -> list[str]:
-    out = ["Steady-state training steps per second (steps 11 to the last; each contender times "
+    wls = list(b.get("workloads", {}).values())
+    first = (wls[0]["workload"]["steps"] - wls[0]["workload"]["timed_steps"] + 1) if wls else "?"
+    out = [f"Steady-state training steps per second (steps {first} to the last; each contender times "
            "its own loop, checkpoint stalls included). Every contender: 2 workers (gloo, one "
            "thread each), the same synthetic data shape, batch, seed, SGD settings, step count "
            "and checkpoint interval. gradyard runs with telemetry on. Contenders run interleaved "
