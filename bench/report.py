@@ -266,13 +266,13 @@ def _checkpoint_cpu(b: dict) -> list[str]:
 
 
 def _recovery(b: dict, doc: dict) -> list[str]:
-    kills = b.get("kill_at_steps") or [b["kill_at_step"]]
-    resumed = b.get("resumed_from_steps") or [b["resumed_from_step"]]
+    kills, resumed = b["kill_at_steps"], b["resumed_from_steps"]
+    s = "s" if len(kills) > 1 else ""
     return [f"gradyard on the bench's Ray cluster (fashion-cnn, 2 workers, checkpoints every "
             f"{b['checkpoint_every']} steps to local disk, telemetry on); rank 1 SIGKILLs itself "
-            f"after step{'s' if len(kills) > 1 else ''} {', '.join(map(str, kills))}, one kill per "
+            f"after step{s} {', '.join(map(str, kills))}, one kill per "
             f"repeat in the same run; each time Ray Train restarts the worker group and gradyard "
-            f"resumes from the checkpoint before the kill (step{'s' if len(resumed) > 1 else ''} "
+            f"resumes from the checkpoint before the kill (step{s} "
             f"{', '.join(map(str, resumed))}). Not a comparison: the page gives the absolute time "
             "and what it is made of.", "",
             "| interval | seconds, median (min–max) |", "|---|---|",

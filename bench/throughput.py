@@ -78,6 +78,8 @@ def compare(raw: dict[str, list[dict]]) -> dict:
 
 
 def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = print) -> dict:
+    from gradyard.trainer import STEADY_AFTER_STEPS  # imports torch: not at the bench's start-up
+
     out = {"workloads": {}, "targets": TARGETS}
     for wl in workloads(size):
         params = wl.check_same_model()
@@ -100,7 +102,6 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
                 contenders[TELEMETRY_OFF] = lambda b, w, m=mode: run_gradyard(b, off, "local", m)
         raw, commands = rounds(bench, wl, contenders, size.repeats, say)
         result = compare(raw)
-        from gradyard.trainer import STEADY_AFTER_STEPS
         shape, classes = wl.shape()
         workload = {"job": wl.job, "model": wl.spec().model.arch, "parameters": params,
                     "input_shape": list(shape), "classes": classes, "batch_per_worker": wl.batch,
