@@ -7,7 +7,8 @@ Rank 0 (the one whose samples show the checkpoint writer) is reported: its
 samples inside the training loop are sorted into model compute (forward,
 backward with DDP's allreduce, optimizer), data loading, and each gradyard
 component met on the way (the outermost gradyard frame below the trainer
-names it).  Samples of its background checkpoint writer thread, and of the
+names it).  Samples of its background checkpoint writer thread, of the
+telemetry's census and FLOP count (steps 1-7: before the timing), and of the
 process's other threads and start-up, are counted beside the loop's.
 """
 
@@ -28,6 +29,11 @@ from bench.env import ROOT, VENV_BIN, Bench
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
 _LOOP_FILES = ("gradyard/trainer.py", "gradyard/train.py")
 _COMPUTE_FILES = ("gradyard/models.py",)
+_ONE_OFF_FILES = ("gradyard/analysis/census.py", "gradyard/analysis/callback.py",
+                  "gradyard/telemetry/flops.py")
+"""The census (steps 3-7) and the FLOP count (step 1, then every 500): in the bench's runs, all
+before the timed steps begin, so their samples are not shares of the timed loop."""
+ONE_OFF = "census and FLOP count (steps 1-7 here, before the timed steps)"
 
 
 def _frames(stack: str) -> list[tuple[str, str]]:
@@ -46,6 +52,8 @@ def categorize(frames: list[tuple[str, str]]) -> str:
     if not any(func == "Trainer.fit" for func, _ in frames):
         return "outside the training loop"
     for func, file in frames:
+        if file.endswith(_ONE_OFF_FILES):
+            return ONE_OFF
         if "gradyard/" in file and not file.endswith(_LOOP_FILES + _COMPUTE_FILES):
             module = file[file.index("gradyard/"):].removesuffix(".py").replace("/", ".")
             return f"gradyard: {module} ({func.split('.')[0]})"
@@ -76,7 +84,7 @@ def parse_raw(text: str) -> dict:
                            for k, v in counts.most_common()}}
 
 
-_NOT_LOOP = ("outside the training loop", "background: checkpoint writer thread")
+_NOT_LOOP = ("outside the training loop", "background: checkpoint writer thread", ONE_OFF)
 
 
 def _record(pid: int, out: Path, rate: int = 100) -> subprocess.Popen:

@@ -62,3 +62,26 @@ def test_every_benchmark_runs_once(tmp_path):
     text = page.read_text()
     assert "do not quote" in text and "## 5. Start-up on an embedded cluster" in text
     assert "AKIA" not in text and "gy-bench-not-a-secret" not in text  # no S3 key on the page
+
+
+def test_profile_keeps_one_off_census_out_of_the_loop_shares():
+    """The census and FLOP count of steps 1-7 precede the timed steps: not shares of the loop."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench.profile import ONE_OFF, parse_raw
+    finally:
+        sys.path.remove(str(ROOT))
+    top = 'process 7:"ray::RayTrainWorker";MainThread;Trainer.fit (gradyard/trainer.py:360)'
+    raw = "\n".join([
+        f"{top};Trainer.train_step (gradyard/trainer.py:280);Tensor.backward (torch/_tensor.py:600) 10",
+        f"{top};Trainer.fire (gradyard/trainer.py:240);CensusCallback.on_event (gradyard/analysis/callback.py:100) 5",
+        f"{top};Trainer.fire (gradyard/trainer.py:240);FlopsMonitor.on_event (gradyard/telemetry/flops.py:131) 1",
+        f"{top};Trainer.fire (gradyard/trainer.py:240);GradSyncMonitor.on_event (gradyard/telemetry/comm.py:150) 2",
+        'process 7:"ray::RayTrainWorker";writer;CheckpointWriter._run (gradyard/checkpoint.py:277) 3',
+    ])
+    got = parse_raw(raw)
+    cats = {k: v["samples"] for k, v in got["categories"].items()}
+    assert got["samples"] == 21 and got["loop_samples"] == 12
+    assert cats[ONE_OFF] == 6 and cats["background: checkpoint writer thread"] == 3
+    assert cats["compute: backward + DDP allreduce"] == 10
+    assert cats["gradyard: gradyard.telemetry.comm (GradSyncMonitor)"] == 2
