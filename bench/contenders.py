@@ -9,9 +9,6 @@ The Ray contenders (plain Ray Train, gradyard) are launched one of three ways:
 * ``client``:   the command's process drives the bench's running cluster
                 (``gradyard run --address``; the plain script with ``--address``).
 
-gradyard also runs as its bare worker under ``torchrun -m gradyard.train``,
-which splits a gap to plain torchrun into gradyard's code and Ray's.
-
 Every contender reports its own in-loop timing: the time of the end of its
 first step (``first_step_at``) and its steps per second after the first 7
 steps of the run (``steady_steps_per_second``; checkpoint stalls included).
@@ -227,18 +224,6 @@ def run_gradyard(bench: Bench, wl: Workload, storage_kind: str, mode: str = "cli
         t0 = bench.run(cmd, name=f"gradyard-{storage_kind}-{mode}", env=env)
     else:
         t0, cmd = launch(bench, cmd, mode, f"gradyard-{storage_kind}-{mode}")
-    return _gradyard_result(bench, wl, storage, t0, cpu0), cmd
-
-
-def run_gradyard_torchrun(bench: Bench, wl: Workload, storage_kind: str = "local") -> tuple[dict, list[str]]:
-    """gradyard's worker code without Ray: ``torchrun -m gradyard.train``."""
-    storage, sextra = gradyard_storage(bench, storage_kind)
-    cmd = [str(VENV_BIN / "torchrun"), "--standalone", f"--nproc-per-node={wl.workers}",
-           "-m", "gradyard.train", str(JOBS / f"{wl.job}.yaml"), "--storage", storage]
-    for o in [*wl.overrides(), *sextra]:
-        cmd += ["--set", o]
-    cpu0 = bench.s3_cpu_seconds() if storage_kind == "s3" else None
-    t0 = bench.run(cmd, name="gradyard-torchrun")
     return _gradyard_result(bench, wl, storage, t0, cpu0), cmd
 
 

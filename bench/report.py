@@ -10,7 +10,6 @@ LABELS = {
     "gradyard_local": "gradyard → local disk",
     "gradyard_s3": "gradyard → S3 (moto)",
     "gradyard_local_telemetry_off": "gradyard → local disk, telemetry off",
-    "gradyard_torchrun": "gradyard's worker under torchrun (no Ray) → local disk",
     "gradyard": "gradyard",
     "s3fs_put": "plain s3fs put",
     "checkpoint_writer": "gradyard CheckpointWriter",
@@ -129,10 +128,6 @@ def _gap_to_torchrun(w: dict) -> str:
                      "the same two cores, and for plain Ray Train its checkpoint path)")
     if r.get("gradyard_local/ray_train", {}).get("n"):
         parts.append(f"gradyard → local disk / plain Ray Train = {_ratio(r['gradyard_local/ray_train'])}")
-    if r.get("gradyard_torchrun/torchrun", {}).get("n") and r.get("gradyard_local/gradyard_torchrun", {}).get("n"):
-        parts.append(f"gradyard's own worker code under torchrun (no Ray) / plain torchrun = "
-                     f"{_ratio(r['gradyard_torchrun/torchrun'])}, and gradyard on Ray / the same worker "
-                     f"under torchrun = {_ratio(r['gradyard_local/gradyard_torchrun'])} (Ray's share)")
     return ("Where a distance to plain torchrun comes from, in the same rounds: " + "; ".join(parts)
             + ".") if parts else ""
 

@@ -15,8 +15,6 @@ two cores, so separate runs would not fit `make bench` in 30 minutes):
 * fashion-cnn: ``ray job submit`` to the bench's running cluster, the production
   path; from the same runs come submission latency (4) and, with the
   telemetry-off contender in the same rounds, the telemetry overhead (3).
-  gradyard's worker also runs under plain torchrun, which splits a gap to
-  torchrun into gradyard's code and Ray's.
 * AlexNet: each command starts its own cluster (``gradyard run`` with no
   cluster; the plain script with ``--address local``): start-up (5).
 """
@@ -26,8 +24,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from bench import profile, submission
-from bench.contenders import (Workload, rounds, run_gradyard, run_gradyard_torchrun,
-                               run_ray_train, run_torchrun)
+from bench.contenders import Workload, rounds, run_gradyard, run_ray_train, run_torchrun
 from bench.env import Bench
 from bench.settings import Size
 from bench.stats import paired, summary
@@ -39,16 +36,13 @@ NEEDS_CLUSTER = True
 TARGETS = {"ray_train": 0.97, "torchrun": 0.95}
 """gradyard's steps/s must be at least this share of each plain contender's."""
 
-GRADYARD_TORCHRUN = "gradyard_torchrun"
-"""fashion-cnn only: gradyard's worker under torchrun (no Ray), checkpoints to local disk."""
 TELEMETRY_OFF = "gradyard_local_telemetry_off"
 """fashion-cnn only, when the telemetry benchmark is selected too: it shares these rounds."""
 
 RATIOS: list[tuple[str, str, Optional[float]]] = [
     (ours, theirs, target) for ours in ("gradyard_local", "gradyard_s3")
     for theirs, target in TARGETS.items()
-] + [(GRADYARD_TORCHRUN, "torchrun", None), ("gradyard_local", GRADYARD_TORCHRUN, None),
-      ("ray_train", "torchrun", None)]
+] + [("ray_train", "torchrun", None)]
 """(ours, theirs, target), quoted as ours / theirs; a target of None explains, it does not judge
 (plain Ray Train / plain torchrun: what Ray itself costs on this machine)."""
 
@@ -96,12 +90,10 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
             "gradyard_local": lambda b, w, m=mode: run_gradyard(b, w, "local", m),
             "gradyard_s3": lambda b, w, m=mode: run_gradyard(b, w, "s3", m),
         }
-        if wl.job == "fashion-cnn":
-            contenders[GRADYARD_TORCHRUN] = run_gradyard_torchrun
-            if shared.get("telemetry_selected"):
-                off = Workload(wl.job, wl.steps, wl.checkpoint_every, wl.batch_size, wl.workers,
-                               telemetry=False)
-                contenders[TELEMETRY_OFF] = lambda b, w, m=mode: run_gradyard(b, off, "local", m)
+        if wl.job == "fashion-cnn" and shared.get("telemetry_selected"):
+            off = Workload(wl.job, wl.steps, wl.checkpoint_every, wl.batch_size, wl.workers,
+                           telemetry=False)
+            contenders[TELEMETRY_OFF] = lambda b, w, m=mode: run_gradyard(b, off, "local", m)
         raw, commands = rounds(bench, wl, contenders, size.repeats, say)
         result = compare(raw)
         shape, classes = wl.shape()

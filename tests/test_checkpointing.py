@@ -299,6 +299,41 @@ def test_writer_keeps_the_newest_and_the_best_and_clears_leftovers(where, s3, bu
             assert counts["PUT"] == 3 and counts["POST"] == (step == 60), (step, counts)
 
 
+def test_local_checkpoint_files_are_synced_before_their_manifest(tmp_path, monkeypatch):
+    """On local disk a manifest only ever names files already on disk: a machine crash right
+    after it cannot leave a 'complete' checkpoint with torn files.  The directory is synced last."""
+    import gradyard.checkpoint as ckpt
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(ckpt.os, "fsync", recording_fsync)
+    created: dict[str, int] = {}
+    real_write = ckpt.write_local_durably
+
+    def recording_write(path, data):
+        created[os.path.basename(path)] = len(synced)  # files synced before this one was created
+        real_write(path, data)
+
+    monkeypatch.setattr(ckpt, "write_local_durably", recording_write)
+    storage = open_storage(str(tmp_path / "run"))
+    writer = ckpt.CheckpointWriter(storage, keep=2)
+    writer.submit(ckpt.Snapshot(step=7, epoch=0, files={"model.pt": {"w": torch.ones(3)},
+                                                        "state.pt": {"step": 7}},
+                                metrics={}, spec_hash="h"))
+    writer.close(timeout=60)
+    assert writer.saved_total == 1
+    d = storage.join("checkpoints", ckpt.checkpoint_dirname(7))
+    names = [os.path.relpath(p, d) for p in synced]
+    assert names == ["model.pt", "state.pt", ckpt.MANIFEST, "."]
+    assert created[ckpt.MANIFEST] == 2  # both data files were synced before the manifest existed
+    assert [i.status for i in list_checkpoints(storage)] == ["complete"]
+
+
 def test_fault_hook_kills_once_at_each_listed_step(tmp_path):
     """The recovery benchmark's one run of many kills: each listed step kills once, in order,
     and every attempt's first step is logged (no Ray: the 'attempts' are plain processes)."""
