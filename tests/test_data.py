@@ -285,6 +285,36 @@ def test_augmentation_is_a_function_of_seed_epoch_index():
     assert torch.equal(serial, parallel)
 
 
+def _normalised_set():
+    """RGB images held in memory, normalised with ImageNet's mean and std (as for pretrained nets)."""
+    from gradyard.data.base import ImageGeometry, TensorImages
+
+    images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    geometry = ImageGeometry(3, 16, None, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return Augmented(ImageDataset(TensorImages(images), torch.arange(40) % 3, geometry), None, 0)
+
+
+@pytest.mark.parametrize("case,fast", [
+    ("fashion_cnn synthetic", True),    # in memory at the model's shape: one op per batch
+    ("normalised", True),               # mean and std applied to the whole batch
+    ("lenet5 digits", False),           # 8x8 digits resized per image to 32x32
+])
+def test_batched_fetch_gives_the_per_sample_values_to_the_bit(case, fast):
+    if case == "normalised":
+        train = _normalised_set()
+    else:
+        arch, source = case.split()
+        train, _, _ = build_datasets(spec_for(arch, source, num_samples=40) if source == "synthetic"
+                                     else spec_for(arch, source))
+    assert isinstance(train, Augmented) and (train.base.raw_batch([0]) is not None) == fast
+    order = [5, 0, 17, 3, 9, 2, 30, 11]
+    x, y = next(iter(DataLoader(train, batch_size=len(order), sampler=order)))
+    one_by_one = [train[i] for i in order]
+    assert torch.equal(x, torch.stack([a for a, _ in one_by_one]))
+    assert torch.equal(y, torch.stack([b for _, b in one_by_one]))
+    assert x.dtype == torch.float32 and x.is_contiguous()
+
+
 def test_augmentation_is_train_only_and_uint8_safe_on_grayscale():
     spec = spec_for("lenet5", "digits", augmentation=AUGMENT)
     train, test, _ = build_datasets(spec)

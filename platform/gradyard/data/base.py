@@ -152,7 +152,16 @@ class ImageDataset(SplitDataset):
             img = F.resize(img, [g.size, g.size], interpolation=mode, antialias=True)
         return img.contiguous()
 
+    def raw_batch(self, indices: Sequence[int]) -> Optional[torch.Tensor]:
+        """``raw`` of many images as one (N, C, H, W) tensor, where no image needs work of its
+        own (held in memory, already of the model's shape); None where one may."""
+        held = getattr(self.images, "images", None)
+        if held is None or self.geometry.resize is not None or tuple(held.shape[1:]) != self.geometry.shape:
+            return None
+        return held[torch.as_tensor(indices, dtype=torch.int64)]
+
     def finish(self, img: torch.Tensor) -> torch.Tensor:
+        """uint8 → the model's float input; one image (C, H, W) or a batch (N, C, H, W)."""
         x = img.to(torch.float32) / 255.0
         if self.geometry.mean is not None:
             x = F.normalize(x, mean=list(self.geometry.mean), std=list(self.geometry.std))
