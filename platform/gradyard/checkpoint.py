@@ -221,7 +221,7 @@ def write_local_durably(path: str, data) -> None:
     process's.  Dropping the written pages keeps checkpoints from pushing the
     training data out of the page cache; the next checkpoint reuses the freed
     pages, where fresh ones cost more CPU than the copy itself (0.6 against
-    0.1 CPU-s per 228 MB on the bench's VM: docs/benchmarks.md).
+    0.1 CPU-s per 228 MB on the bench's VM: docs/checkpoints.md).
     """
     with open(path, "wb") as f:
         f.write(data)
@@ -338,7 +338,8 @@ class CheckpointWriter:
     def _write(self, snap: Snapshot) -> None:
         fs = self.storage.fs
         ckpt_path = self._path(snap)
-        if self.storage.is_local:
+        local = self.storage.is_local
+        if local:
             os.makedirs(ckpt_path, exist_ok=True)
             put = write_local_durably
         else:
@@ -367,7 +368,7 @@ class CheckpointWriter:
         with_retries(lambda: put(posixpath.join(ckpt_path, MANIFEST), mdata),
                      what=f"upload manifest (step {snap.step})",
                      attempts=self.retry_attempts, log=log.warning)
-        if self.storage.is_local:
+        if local:
             _sync_dir(ckpt_path)
         self._written[snap.step] = [posixpath.join(ckpt_path, n) for n in (*files_meta, MANIFEST)]
         if self._index is not None:
