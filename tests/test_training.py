@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import JOBS
+from gradyard import hostmem
 from gradyard.job import load_job
 from gradyard.testing.bundle import run_each
 from gradyard.testing.datafiles import make_aclimdb, make_imagefolder, make_mammographic, make_mnist
@@ -92,6 +93,8 @@ def test_accuracy_on_shipped_real_data(summaries, job):
     assert summary["data"]["synthetic"] is False
     assert summary["metrics"]["test_accuracy"] >= ACCURACY[job], summary["metrics"]
     assert len({r["rank"] for r in summary["ranks"]}) == 2
+    # The Ray workers tuned glibc malloc (gradyard.hostmem) unless this environment opts out.
+    assert summary["host_allocator"]["tuned"] is hostmem.allocator_choice()[0], summary["host_allocator"]
 
 
 @pytest.mark.parametrize("job", ALL_JOBS)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from gradyard.callbacks import CheckpointCallback, ProgressCallback
 from gradyard.checkpoint import load_checkpoint, newest_complete, tensor_digest
 from gradyard.events import Callback, Event
+from gradyard.hostmem import tune_host_allocator
 from gradyard.job import JobSpec
 from gradyard.storage import Storage, storage_from_spec, with_retries
 from gradyard.trainer import DistInfo, Trainer, set_rng_state
@@ -213,6 +214,8 @@ def run_worker(config: dict) -> dict:
     else:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Before the model, data and trainer allocate anything (see gradyard.hostmem).
+    host_allocator = tune_host_allocator()
     spec = JobSpec.model_validate(config["spec"])
     storage = storage_from_spec(config["storage"])
     info = _dist_info(launcher)
@@ -244,6 +247,7 @@ def run_worker(config: dict) -> dict:
             "history": trainer.history,
             "restarts": s.restarts,
             "resumed_from_step": resumed_from,
+            "host_allocator": host_allocator,
             "started_at": _dt.datetime.fromtimestamp(attempt["started_at"]).isoformat(),
             "finished_at": _dt.datetime.now().isoformat(),
             "wall_seconds": round(time.time() - attempt["started_at"], 3),
