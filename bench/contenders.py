@@ -120,21 +120,28 @@ def _result(out: dict, t0: float) -> dict:
             "checkpoint_seconds": [round(x, 4) for x in blocked or []]}
 
 
-def launch(bench: Bench, cmd: list[str], mode: str, name: str) -> tuple[float, list[str]]:
+def launch(bench: Bench, cmd: list[str], mode: str, name: str,
+           worker_env: Optional[dict] = None) -> tuple[float, list[str]]:
     """Run a Ray contender's command the ``mode`` way; returns (time it was launched, the command).
 
     ``cmd`` is the entrypoint as run on the cluster for ``job`` (relative paths,
-    ``python``), and a complete command line otherwise.
+    ``python``), and a complete command line otherwise.  ``worker_env`` reaches
+    the Ray workers: the job's runtime environment for ``job``, the command's
+    own environment for ``embedded`` (its cluster's workers inherit it).
     """
+    if worker_env and mode == "client":
+        raise ValueError("worker_env needs mode 'job' or 'embedded'")
     if mode != "job":
-        t0 = bench.run(cmd, name=name)
+        t0 = bench.run(cmd, name=name, env=worker_env)
         if mode == "embedded":
             bench.sweep()  # whatever the embedded cluster left behind
         return t0, cmd
     bench.jobs()  # the working directory is cached on the cluster before the clock starts
     sid = bench.unique("gyb-job")
     submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", bench.cluster.dashboard,
-              "--working-dir", ".", "--submission-id", sid, "--no-wait", "--", *cmd]
+              "--working-dir", ".", "--submission-id", sid, "--no-wait",
+              *(["--runtime-env-json", json.dumps({"env_vars": worker_env})] if worker_env else []),
+              "--", *cmd]
     t0 = bench.run(submit, name=name, cwd=ROOT)
     bench.wait_job(sid, name)
     return t0, submit
@@ -210,21 +217,26 @@ def _gradyard_result(bench: Bench, wl: Workload, storage: str, t0: float, cpu0) 
     summary = read_summary(bench, storage, wl.spec().name)
     res = _result(summary, t0)
     res["restarts"] = summary["restarts"]
+    res["host_allocator"] = summary.get("host_allocator")
     if cpu0 is not None:
         res["s3_server_cpu_seconds"] = round(bench.s3_cpu_seconds() - cpu0, 2)
     return res
 
 
 def run_gradyard(bench: Bench, wl: Workload, storage_kind: str, mode: str = "client", *,
-                 env: Optional[dict] = None, extra: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+                 env: Optional[dict] = None, extra: tuple[str, ...] = (),
+                 worker_env: Optional[dict] = None) -> tuple[dict, list[str]]:
     storage, sextra = gradyard_storage(bench, storage_kind)
     cmd = gradyard_command(bench, wl, storage, mode, (*sextra, *extra))
     cpu0 = bench.s3_cpu_seconds() if storage_kind == "s3" else None
     if env:
         t0 = bench.run(cmd, name=f"gradyard-{storage_kind}-{mode}", env=env)
     else:
-        t0, cmd = launch(bench, cmd, mode, f"gradyard-{storage_kind}-{mode}")
-    return _gradyard_result(bench, wl, storage, t0, cpu0), cmd
+        t0, cmd = launch(bench, cmd, mode, f"gradyard-{storage_kind}-{mode}", worker_env)
+    res = _gradyard_result(bench, wl, storage, t0, cpu0)
+    if worker_env and worker_env.get("GRADYARD_MALLOC_TUNING") == "0" and (res["host_allocator"] or {}).get("tuned"):
+        raise RuntimeError(f"GRADYARD_MALLOC_TUNING=0 did not reach the workers: {res['host_allocator']}")
+    return res, cmd
 
 
 def rounds(bench: Bench, wl: Workload, contenders: dict[str, Callable], repeats: int,

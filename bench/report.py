@@ -10,6 +10,7 @@ LABELS = {
     "gradyard_local": "gradyard → local disk",
     "gradyard_s3": "gradyard → S3 (moto)",
     "gradyard_local_telemetry_off": "gradyard → local disk, telemetry off",
+    "gradyard_local_glibc_defaults": "gradyard → local disk, glibc malloc defaults",
     "gradyard": "gradyard",
     "s3fs_put": "plain s3fs put",
     "checkpoint_writer": "gradyard CheckpointWriter",
@@ -99,6 +100,9 @@ def _throughput(b: dict, doc: dict) -> list[str]:
         gap = _gap_to_torchrun(w)
         if gap:
             out += [gap, ""]
+        alloc = _allocator(w)
+        if alloc:
+            out += [alloc, ""]
         cpu = w.get("s3_server_cpu_seconds")
         if cpu and cpu.get("n"):
             out += ["The S3 server (moto, a Python process on the same cores) used "
@@ -130,6 +134,21 @@ def _gap_to_torchrun(w: dict) -> str:
         parts.append(f"gradyard → local disk / plain Ray Train = {_ratio(r['gradyard_local/ray_train'])}")
     return ("Where a distance to plain torchrun comes from, in the same rounds: " + "; ".join(parts)
             + ".") if parts else ""
+
+
+def _allocator(w: dict) -> str:
+    """What gradyard's host-allocator settings give, and what gradyard costs without them."""
+    r = w["ratios"]
+    g = "gradyard_local_glibc_defaults"
+    if not r.get(f"gradyard_local/{g}", {}).get("n"):
+        return ""
+    return ("gradyard's workers fix glibc malloc's mmap and trim thresholds (`gradyard.hostmem`), so "
+            "each step reuses the memory of the last instead of faulting in fresh pages; the plain "
+            "scripts run with glibc's defaults (`MALLOC_MMAP_THRESHOLD_=268435456 "
+            "MALLOC_TRIM_THRESHOLD_=1073741824` in their environment would give them the same). "
+            f"In the same rounds: gradyard / gradyard with glibc's defaults = {_ratio(r[f'gradyard_local/{g}'])}; "
+            f"gradyard with glibc's defaults / plain Ray Train = {_ratio(r[f'{g}/ray_train'])}, "
+            f"/ plain torchrun = {_ratio(r[f'{g}/torchrun'])} (gradyard's own cost, allocators equal).")
 
 
 def _in_window(w: dict, name: str) -> list[float]:
@@ -300,12 +319,16 @@ def _telemetry(b: dict, doc: dict) -> list[str]:
            f"{wl['batch_per_worker']}, a checkpoint every {wl['checkpoint_every']} steps), built twice "
            f"in the same processes, telemetry on and off, taking turns every {wl['block_steps']} steps "
            "in the order A B B A, A B B A (each arm first in half the pairs; runs alternate which "
-           "arm is A) "
+           "arm is A, each arm A in half of them) "
            f"for {wl['steps']} steps each (the first {wl['warmup_steps']} not recorded; "
            "`bench/scripts/telemetry_ab.py`). Each run's ratio is its total time on over off for the "
            "same steps; the FLOP-counted steps and the checkpoints fall inside the turns. Whole-job "
            "runs on two shared cores vary by ±10% run to run, which hides a 2% effect; turns a third "
-           "of a second apart in the same processes do not.", "",
+           "of a second apart in the same processes do not. Both arms run with gradyard's host-allocator "
+           "settings, as its worker does (`gradyard.hostmem`): with glibc's defaults each arm's thread "
+           "had its own malloc arena, and each arena settled into its own speed for the rest of a run "
+           "(one arm up to 15% slower than the other with telemetry off in both), which is what made "
+           "this comparison read 1.07 in an earlier run.", "",
            "| | seconds per step, median (min–max) over runs |", "|---|---|",
            f"| telemetry on | {fmt(st['on'])} |", f"| telemetry off | {fmt(st['off'])} |", "",
            f"Step time on / off, per run: **{_ratio(r)}** (target ≤ {r['target']}: {_met(r)}); "

@@ -15,6 +15,10 @@ two cores, so separate runs would not fit `make bench` in 30 minutes):
 * fashion-cnn: ``ray job submit`` to the bench's running cluster, the production
   path; from the same runs come submission latency (4) and, with the
   telemetry-off contender in the same rounds, the telemetry overhead (3).
+  One more contender runs gradyard with glibc malloc's defaults
+  (``GRADYARD_MALLOC_TUNING=0``, as the plain scripts run): gradyard's workers
+  fix malloc's thresholds (``gradyard.hostmem``), and this splits what that
+  gains from what the rest of gradyard costs.
 * AlexNet: each command starts its own cluster (``gradyard run`` with no
   cluster; the plain script with ``--address local``): start-up (5).
 """
@@ -39,10 +43,15 @@ TARGETS = {"ray_train": 0.97, "torchrun": 0.95}
 TELEMETRY_OFF = "gradyard_local_telemetry_off"
 """fashion-cnn only, when the telemetry benchmark is selected too: it shares these rounds."""
 
+GLIBC_DEFAULTS = "gradyard_local_glibc_defaults"
+"""fashion-cnn only: gradyard → local disk with ``GRADYARD_MALLOC_TUNING=0``, glibc malloc's
+defaults as in the plain scripts: gradyard's own cost, apart from its allocator settings."""
+
 RATIOS: list[tuple[str, str, Optional[float]]] = [
     (ours, theirs, target) for ours in ("gradyard_local", "gradyard_s3")
     for theirs, target in TARGETS.items()
-] + [("ray_train", "torchrun", None)]
+] + [("ray_train", "torchrun", None), (GLIBC_DEFAULTS, "ray_train", None),
+     (GLIBC_DEFAULTS, "torchrun", None), ("gradyard_local", GLIBC_DEFAULTS, None)]
 """(ours, theirs, target), quoted as ours / theirs; a target of None explains, it does not judge
 (plain Ray Train / plain torchrun: what Ray itself costs on this machine)."""
 
@@ -90,6 +99,9 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
             "gradyard_local": lambda b, w, m=mode: run_gradyard(b, w, "local", m),
             "gradyard_s3": lambda b, w, m=mode: run_gradyard(b, w, "s3", m),
         }
+        if wl.job == "fashion-cnn" and mode == "job":
+            contenders[GLIBC_DEFAULTS] = lambda b, w, m=mode: run_gradyard(
+                b, w, "local", m, worker_env={"GRADYARD_MALLOC_TUNING": "0"})
         if wl.job == "fashion-cnn" and shared.get("telemetry_selected"):
             off = Workload(wl.job, wl.steps, wl.checkpoint_every, wl.batch_size, wl.workers,
                            telemetry=False)

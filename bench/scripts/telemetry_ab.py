@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from gradyard.events import Callback, Event
+from gradyard.hostmem import tune_host_allocator
 from gradyard.job import load_job
 from gradyard.runner import prepare_run
 from gradyard.train import _dist_info, build_callbacks, shutdown_process_group
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                    "telemetry arm (to attribute the overhead to its parts)")
     args = p.parse_args(argv)
 
+    tune_host_allocator()  # as gradyard's worker does first (run_worker)
     dist.init_process_group("gloo")
     info = _dist_info("torchrun")
     baton = Baton(args.first)
