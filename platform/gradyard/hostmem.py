@@ -7,11 +7,12 @@ threshold* (128 KiB, raised on the fly up to 32 MiB) is a fresh ``mmap`` and is
 unmapped again when freed, and freed heap memory above the *trim threshold*
 is handed back to the kernel.  Either way the next step's tensors land on
 fresh pages: a page fault and a zeroed page for every 4 KiB, every step.
-Measured on the bench machine (2 workers, torchrun, whole jobs; see
-``docs/benchmarks.md``): AlexNet 1.21 -> 1.53 steps/s, fashion-cnn 78 -> 88
-steps/s, from these two settings alone.  They also made the glibc arena of
-each training *thread* settle into its own speed (±15% for the rest of the
-run), which is what made the in-run telemetry A/B noisy.
+Measured on the bench machine (gradyard under torchrun, 2 workers, whole
+jobs, tuned against ``GRADYARD_MALLOC_TUNING=0``): AlexNet 1.26 -> 1.48
+steps/s, fashion-cnn 72 -> 79 steps/s; ``docs/benchmarks.md`` has the same
+split side by side on Ray.  With the defaults, two training *threads* in one
+process (the telemetry A/B bench) also each settled into a speed of their own,
+up to 15% apart for the rest of the run; with the thresholds fixed they did not.
 
 What: :func:`tune_host_allocator` fixes both thresholds high
 (``mallopt(M_MMAP_THRESHOLD)``, ``mallopt(M_TRIM_THRESHOLD)``), which also turns
