@@ -40,6 +40,10 @@ def parse(argv: list[str] | None):
     p.add_argument("--telemetry-whole-jobs", action="store_true",
                    help="also run gradyard with telemetry off in the fashion-cnn throughput rounds "
                         "(whole jobs; their run-to-run spread, beside the in-run figure)")
+    p.add_argument("--allocator-split", action="store_true",
+                   help="also run gradyard with glibc malloc's defaults (GRADYARD_MALLOC_TUNING=0) in "
+                        "the fashion-cnn throughput rounds: what gradyard's malloc settings gain, and "
+                        "gradyard's own cost with the plain scripts' allocator (~2.5 min more)")
     return p.parse_args(argv)
 
 
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(n != "checkpoint" for n in names):
             calibrate_once()
         shared = {"telemetry_selected": args.telemetry_whole_jobs and "telemetry" in names
-                  and "throughput" in names}
+                  and "throughput" in names, "allocator_split": args.allocator_split}
         for b in selected:
             say(f"{b.NAME}: {b.TITLE}")
             t0, load0 = time.time(), os.getloadavg()[0]

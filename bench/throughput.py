@@ -15,7 +15,8 @@ two cores, so separate runs would not fit `make bench` in 30 minutes):
 * fashion-cnn: ``ray job submit`` to the bench's running cluster, the production
   path; from the same runs come submission latency (4) and, with the
   telemetry-off contender in the same rounds, the telemetry overhead (3).
-  One more contender runs gradyard with glibc malloc's defaults
+  With ``--allocator-split`` (not in ``make bench``: its 30 minutes), one more
+  contender runs gradyard with glibc malloc's defaults
   (``GRADYARD_MALLOC_TUNING=0``, as the plain scripts run): gradyard's workers
   fix malloc's thresholds (``gradyard.hostmem``), and this splits what that
   gains from what the rest of gradyard costs.
@@ -99,7 +100,7 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
             "gradyard_local": lambda b, w, m=mode: run_gradyard(b, w, "local", m),
             "gradyard_s3": lambda b, w, m=mode: run_gradyard(b, w, "s3", m),
         }
-        if wl.job == "fashion-cnn" and mode == "job":
+        if wl.job == "fashion-cnn" and mode == "job" and shared.get("allocator_split"):
             contenders[GLIBC_DEFAULTS] = lambda b, w, m=mode: run_gradyard(
                 b, w, "local", m, worker_env={"GRADYARD_MALLOC_TUNING": "0"})
         if wl.job == "fashion-cnn" and shared.get("telemetry_selected"):
