@@ -683,3 +683,41 @@ def _torchrun_main() -> None:
 
 if __name__ == "__main__":
     _torchrun_main()
+
+
+def test_trainer_calls_a_callback_only_for_the_events_it_declares(tmp_path):
+    """Callback.events: the trainer's dispatch skips the rest; None still hears every event, in order."""
+    from prometheus_client import CollectorRegistry
+
+    from gradyard.events import Callback, Event
+    from gradyard.job import load_job
+    from gradyard.storage import open_storage
+    from gradyard.telemetry import build_telemetry_callbacks
+    from gradyard.trainer import DistInfo, Trainer
+
+    class Recorder(Callback):
+        def __init__(self, events=None):
+            self.events, self.seen = events, []
+
+        def on_event(self, event, state):
+            self.seen.append(event)
+
+    every, some = Recorder(), Recorder(frozenset((Event.BATCH_END, Event.FIT_END)))
+    spec = load_job(Path(__file__).parent.parent / "jobs" / "circles.yaml",
+                    ["schedule.epochs=null", "schedule.steps=3", "checkpoint.every_steps=1000"])
+    telemetry = build_telemetry_callbacks(spec, registry=CollectorRegistry(), sd_directory=tmp_path / "sd")
+    trainer = Trainer(spec, open_storage(f"file://{tmp_path / 'run'}"), DistInfo(), "r",
+                      [every, *telemetry, some])
+    trainer.fit()
+    assert some.seen == [Event.BATCH_END] * 3 + [Event.FIT_END]
+    step = [Event.BEFORE_DATA, Event.AFTER_DATA, Event.BEFORE_FORWARD, Event.AFTER_FORWARD,
+            Event.BEFORE_BACKWARD, Event.AFTER_BACKWARD, Event.BEFORE_OPTIMIZER, Event.AFTER_OPTIMIZER,
+            Event.BATCH_END]
+    assert every.seen[:2] == [Event.FIT_START, Event.EPOCH_START] and every.seen[2:11] == step
+    assert every.seen.count(Event.BATCH_END) == 3 and every.seen[-1] is Event.FIT_END
+    # The telemetry callbacks' declared events still drive them: every step counted, and every
+    # step timed but the first (its FLOPs were counted: the counter's overhead is not step time).
+    metrics = next(cb.metrics for cb in telemetry if hasattr(cb, "metrics"))
+    assert metrics.child(metrics.timed_steps)._value.get() == 2
+    assert metrics.child(metrics.step_flops)._value.get() > 0
+    assert metrics.child(metrics.steps)._value.get() == 3

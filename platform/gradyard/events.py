@@ -24,7 +24,7 @@ is saved in checkpoints under its ``name`` so rolling windows survive a resume.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     from gradyard.trainer import TrainState
@@ -57,6 +57,10 @@ class Callback:
     """Listens to training events. Override ``on_event``; keep it cheap on the step events."""
 
     name: str = "callback"
+
+    events: Optional[frozenset[Event]] = None
+    """The events ``on_event`` acts on; the trainer calls it for those only.  None: every event.
+    Declaring them spares a Python call per ignored event: ~80 calls a step with telemetry on."""
 
     def on_event(self, event: Event, state: "TrainState") -> None:  # pragma: no cover - interface
         pass

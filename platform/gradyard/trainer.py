@@ -151,6 +151,7 @@ class Trainer:
         self.spec = spec
         self.dist = dist_info
         self.callbacks = callbacks
+        self._listeners: Optional[dict] = None
         if device is None:
             device = (torch.device("cuda", dist_info.local_rank)
                       if spec.scaling.use_gpu and torch.cuda.is_available() else torch.device("cpu"))
@@ -231,8 +232,13 @@ class Trainer:
 
     # ------------------------------------------------------------ events
     def fire(self, event: Event) -> None:
-        for cb in self.callbacks:
+        listeners = self._listeners
+        for cb in (listeners[event] if listeners is not None else self.callbacks):
             cb.on_event(event, self.state)
+
+    def _dispatch_table(self) -> dict:
+        """Per event, the callbacks that act on it (``Callback.events``), in firing order."""
+        return {e: [cb for cb in self.callbacks if cb.events is None or e in cb.events] for e in Event}
 
     # ------------------------------------------------------------ loop
     def _autocast(self):
@@ -354,12 +360,14 @@ class Trainer:
     def fit(self) -> dict:
         s = self.state
         s.model.train()
+        self._listeners = self._dispatch_table()  # the callbacks are fixed for the fit
         self.fire(Event.FIT_START)
         try:
             while not self._done() and not s.stop:
                 self._run_epoch()
             self.fire(Event.FIT_END)
         finally:
+            self._listeners = None
             for cb in self.callbacks:
                 cb.close()
         return s.metrics

@@ -86,6 +86,8 @@ class CensusCallback(Callback):
             target = self.at_step + self.every * max(0, -(-(step - self.at_step - 1) // self.every))
         return target if target - self.timing_steps <= step <= target + 1 else None
 
+    events = frozenset(_STEP_EVENTS)
+
     def on_event(self, event: Event, state: Any) -> None:
         if event not in _STEP_EVENTS or (self.every is None and self.at_step in self._done):
             return

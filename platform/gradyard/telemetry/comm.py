@@ -127,6 +127,7 @@ class GradSyncMonitor(Callback):
     """
 
     name = "grad_sync"
+    events = frozenset((Event.FIT_START,))
 
     def __init__(self, metrics: TelemetryMetrics):
         self.metrics = metrics

@@ -97,6 +97,8 @@ class PrometheusExporter(Callback):
         self._server = None
         self._thread: Optional[threading.Thread] = None
 
+    events = frozenset((Event.FIT_START,))
+
     def on_event(self, event: Event, state: Any) -> None:
         if event is Event.FIT_START and self._server is None:
             self.metrics.bind(identity_labels(state))

@@ -125,6 +125,8 @@ class FlopsMonitor(Callback):
         self.measured_this_step = False
         self._mode: Optional[FlopCounterMode] = None
 
+    events = frozenset((Event.BEFORE_DATA, Event.BEFORE_FORWARD, Event.AFTER_BACKWARD, Event.FIT_START))
+
     def on_event(self, event: Event, state: Any) -> None:
         if event is Event.BEFORE_DATA:
             self.measured_this_step = False

@@ -48,6 +48,7 @@ class _LossReader:
 
 class ProgressMonitor(Callback):
     name = "progress_monitor"
+    events = frozenset((Event.BATCH_END, Event.CHECKPOINT_SAVED, Event.FIT_START, Event.FIT_END))
 
     def __init__(self, metrics: TelemetryMetrics):
         self.metrics = metrics

@@ -84,6 +84,8 @@ class ResourceMonitor(Callback):
         self.metrics = metrics
         self.collector: Optional[ResourceCollector] = None
 
+    events = frozenset((Event.FIT_START,))
+
     def on_event(self, event: Event, state: Any) -> None:
         if event is Event.FIT_START and self.collector is None:
             self.metrics.bind(identity_labels(state))
