@@ -57,6 +57,14 @@ RATIOS: list[tuple[str, str, Optional[float]]] = [
 (plain Ray Train / plain torchrun: what Ray itself costs on this machine)."""
 
 
+def _glibc_defaults(bench: Bench, wl: Workload, mode: str) -> tuple[dict, list[str]]:
+    """gradyard → local disk with ``GRADYARD_MALLOC_TUNING=0`` in its Ray workers (checked)."""
+    res, cmd = run_gradyard(bench, wl, "local", mode, worker_env={"GRADYARD_MALLOC_TUNING": "0"})
+    if (res["host_allocator"] or {}).get("tuned"):
+        raise RuntimeError(f"GRADYARD_MALLOC_TUNING=0 did not reach the workers: {res['host_allocator']}")
+    return res, cmd
+
+
 def workloads(size: Size) -> list[Workload]:
     out = [Workload("fashion-cnn", size.fashion_steps, size.fashion_checkpoint_every)]
     if size.alexnet_steps:
@@ -101,8 +109,7 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
             "gradyard_s3": lambda b, w, m=mode: run_gradyard(b, w, "s3", m),
         }
         if wl.job == "fashion-cnn" and mode == "job" and shared.get("allocator_split"):
-            contenders[GLIBC_DEFAULTS] = lambda b, w, m=mode: run_gradyard(
-                b, w, "local", m, worker_env={"GRADYARD_MALLOC_TUNING": "0"})
+            contenders[GLIBC_DEFAULTS] = lambda b, w, m=mode: _glibc_defaults(b, w, m)
         if wl.job == "fashion-cnn" and shared.get("telemetry_selected"):
             off = Workload(wl.job, wl.steps, wl.checkpoint_every, wl.batch_size, wl.workers,
                            telemetry=False)
