@@ -42,6 +42,8 @@ def _met(s: dict) -> str:
 
 def _size_note(b: dict) -> str:
     note = f"_Measured {b.get('measured_at', '?')}, {b.get('repeats', '?')} round(s), size `{b.get('size')}`"
+    if b.get("rerun"):  # a section replaced by a later `--only` run of the same size
+        note += f", rerun on its own at {b['rerun']} (not the run the header describes)"
     if b.get("size") != "full":
         note += " — **not the full size: fewer rounds and shorter runs than `make bench`; do not quote**"
     la = b.get("load_average")
