@@ -69,6 +69,15 @@ def union_seconds(intervals: list[tuple[float, float]], lo: float = float("-inf"
     return total
 
 
+def allreduce_and_wait(group: Any, buffer: torch.Tensor) -> None:
+    """Sum ``buffer`` over ``group`` in place and wait for it (the CPU path's last bucket).
+
+    A function of its own so that profiles tell this wait (communication) from
+    the hook's own Python (bench/profile.py's telemetry attribution).
+    """
+    group.allreduce([buffer]).wait()
+
+
 @dataclass
 class _Bucket:
     index: int
@@ -178,7 +187,7 @@ class GradSyncMonitor(Callback):
             # training thread.  A .then callback would run on gloo's thread and
             # need the GIL handed over to it: measured ~1.5% of a fashion-cnn
             # step (one bucket) in the in-run benchmark.
-            group.allreduce([buffer]).wait()
+            allreduce_and_wait(group, buffer)
             record.done = clock.mark()
             fut = torch.futures.Future()
             fut.set_result(buffer)
