@@ -29,11 +29,12 @@ from bench.env import ROOT, VENV_BIN, Bench
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
 _LOOP_FILES = ("gradyard/trainer.py", "gradyard/train.py")
 _COMPUTE_FILES = ("gradyard/models.py",)
-_ONE_OFF_FILES = ("gradyard/analysis/census.py", "gradyard/analysis/callback.py",
-                  "gradyard/telemetry/flops.py")
+_ONE_OFF_FILES = ("gradyard/analysis/census.py", "torch/utils/flop_counter.py")
 """The census (steps 3-7) and the FLOP count (step 1, then every 500): in the bench's runs, all
-before the timed steps begin, so their samples are not shares of the timed loop."""
+before the timed steps begin, so their samples are not shares of the timed loop.  Their callbacks'
+dispatch on every other step (``CensusCallback``/``FlopsMonitor.on_event``) is per-step cost."""
 ONE_OFF = "census and FLOP count (steps 1-7 here, before the timed steps)"
+BACKWARD = "compute: backward + DDP allreduce"
 
 
 def _frames(stack: str) -> list[tuple[str, str]]:
@@ -51,15 +52,18 @@ def categorize(frames: list[tuple[str, str]]) -> str:
         return "background: checkpoint writer thread"
     if not any(func == "Trainer.fit" for func, _ in frames):
         return "outside the training loop"
+    if any(file.endswith(_ONE_OFF_FILES) for _, file in frames):
+        return ONE_OFF
+    if any(func == "allreduce_and_wait" for func, _ in frames):
+        # The telemetry comm hook's wait for the last bucket (CPU): DDP's own wait without the hook.
+        return BACKWARD
     for func, file in frames:
-        if file.endswith(_ONE_OFF_FILES):
-            return ONE_OFF
         if "gradyard/" in file and not file.endswith(_LOOP_FILES + _COMPUTE_FILES):
             module = file[file.index("gradyard/"):].removesuffix(".py").replace("/", ".")
             return f"gradyard: {module} ({func.split('.')[0]})"
     funcs = [f for f, _ in frames]
     if any("backward" in f for f in funcs):
-        return "compute: backward + DDP allreduce"
+        return BACKWARD
     if any(f.startswith(("Optimizer.", "SGD.", "_single_tensor_sgd", "_multi_tensor_sgd", "sgd"))
            or "optimizer" in f.lower() for f in funcs):
         return "compute: optimizer"
@@ -193,3 +197,108 @@ def profile_gradyard(bench: Bench, wl: Workload, storage_kind: str, mode: str) -
                         "--rate 100, during: " + bench.shown(cmd))
     rank0["storage"] = storage_kind
     return rank0
+
+
+# ----------------------------------------------------------- telemetry on vs off
+
+_AB_ONE_OFF = "census and FLOP count"
+_TELEMETRY_FILES = ("gradyard/telemetry/", "gradyard/analysis/")
+"""Telemetry and the live analysis built on it: on only when ``telemetry.enabled``."""
+
+
+def categorize_ab(frames: list[tuple[str, str]]) -> Optional[str]:
+    """One sample of a telemetry A/B arm's thread: where in the step it is (None: not in the loop)."""
+    funcs = [func for func, _ in frames]
+    if "Trainer.fit" not in funcs:
+        return None
+    frames = frames[funcs.index("Trainer.fit"):]  # the arm's thread runs fit() from the bench script
+    if any(file.endswith(_ONE_OFF_FILES) for _, file in frames):
+        return _AB_ONE_OFF  # at steps 1-7 (warm-up, not recorded) and the FLOP count of step 500
+    if any(func == "allreduce_and_wait" for func, _ in frames):
+        return BACKWARD
+    if any(func.startswith("GradSyncMonitor.") for func, _ in frames):
+        return "telemetry: DDP comm hook (its Python, not the allreduce)"
+    if any(any(t in file for t in _TELEMETRY_FILES) for _, file in frames):
+        return "telemetry: callbacks"
+    if any(file.endswith("telemetry_ab.py") for _, file in frames):
+        return "bench: handing turns over"
+    return categorize(frames)
+
+
+def parse_ab_raw(text: str) -> dict:
+    """py-spy ``--threads --format raw`` of an A/B rank → samples per category, per arm thread."""
+    arms: dict[str, Counter] = {}
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        head, _, rest = stack.partition(";")
+        m = re.match(r"thread \(\w+\): arm-(\w+)$", head.strip())
+        if not m or not count.isdigit():
+            continue
+        cat = categorize_ab(_frames(rest))
+        if cat is not None:
+            arms.setdefault(m[1], Counter())[cat] += int(count)
+    out = {}
+    for arm, counts in arms.items():
+        loop = sum(v for k, v in counts.items() if k != _AB_ONE_OFF)
+        out[arm] = {"loop_samples": loop, "one_off_samples": counts.get(_AB_ONE_OFF, 0),
+                    "categories": {k: v for k, v in counts.most_common() if k != _AB_ONE_OFF}}
+    return out
+
+
+def _rank0_child(parent: subprocess.Popen, timeout: float = 120) -> Optional[int]:
+    """PID of the torchrun worker with RANK=0 under ``parent``, once it exists."""
+    from gradyard.testing.processes import psutil as _psutil
+
+    psutil = _psutil()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and parent.poll() is None:
+        try:
+            for child in psutil.Process(parent.pid).children(recursive=True):
+                try:
+                    if child.environ().get("RANK") == "0" and "python" in child.name():
+                        return child.pid
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    pass
+        except psutil.NoSuchProcess:
+            return None
+        time.sleep(0.1)
+    return None
+
+
+def profile_telemetry_ab(bench: Bench, cmd: list[str], folder: Path, rate: int = 1000) -> dict:
+    """Run one telemetry A/B (``cmd``) with py-spy on rank 0, each arm's thread apart."""
+    out = folder / "rank0.pyspy"
+    log = open(folder / "run.log", "wb")
+    run = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    spy = None
+    try:
+        pid = _rank0_child(run)
+        if pid is None:
+            raise RuntimeError(f"no rank-0 worker appeared (see {folder / 'run.log'})")
+        spy = subprocess.Popen(
+            [str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--nonblocking", "--threads",
+             "--format", "raw", "--rate", str(rate), "--output", str(out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if run.wait(timeout=900) != 0:
+            raise RuntimeError(f"the profiled run failed (see {folder / 'run.log'})")
+        try:
+            spy.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it has on Ctrl-C
+            spy.wait(timeout=30)
+        if not out.exists():
+            raise RuntimeError(f"py-spy recorded nothing for rank 0 (pid {pid}); no permission?")
+        arms = parse_ab_raw(out.read_text())
+        if set(arms) != {"on", "off"}:
+            raise RuntimeError(f"py-spy saw the arms {sorted(arms)}, not on and off")
+    except Exception as exc:  # noqa: BLE001 - a profile that fails must not sink the figures
+        return {"error": f"{type(exc).__name__}: {str(exc)[-500:]}", "command": bench.shown(cmd)}
+    finally:
+        log.close()
+        if run.poll() is None:
+            run.kill()
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+    return {"arms": arms, "rate": rate,
+            "command": f"py-spy record --pid <rank 0> --nonblocking --threads --format raw "
+                       f"--rate {rate}, during: {bench.shown(cmd)}"}

@@ -336,6 +336,7 @@ def _telemetry(b: dict, doc: dict) -> list[str]:
            f"Step time on / off, per run: **{_ratio(r)}** (target ≤ {r['target']}: {_met(r)}); "
            f"per pair of neighbouring turns, all runs pooled: {_ratio(b['pair_ratio'])}.", "",
            f"Command (each round): `{b['command']}`"]
+    out += _telemetry_profile(b.get("profile"), r)
     wj = b.get("whole_jobs")
     if wj:
         w, s = wj["workload"], wj["steps_per_second"]
@@ -344,6 +345,41 @@ def _telemetry(b: dict, doc: dict) -> list[str]:
                 f"{fmt(s['on'])} steps/s, off {fmt(s['off'])} steps/s; step time on / off "
                 f"{_ratio(wj['step_time_ratio_on_over_off'])} — the spread of separate runs, not the "
                 "overhead."]
+    return out
+
+
+def _telemetry_profile(p: dict | None, r: dict) -> list[str]:
+    if not p:
+        return []
+    if "error" in p:
+        return ["", f"The profile run failed: `{p['error'][:300]}`"]
+    on, off = p["arms"]["on"], p["arms"]["off"]
+    base = off["loop_samples"] or 0
+    pct = lambda n: _pct(n / base if base else None)  # noqa: E731
+    spct = lambda n: f"{100 * n / base:+.1f}%" if base else "n/a"  # noqa: E731
+    cats = list(dict.fromkeys([*on["categories"], *off["categories"]]))
+    ours = [k for k in cats if k.startswith("telemetry:")]
+    extra = on["loop_samples"] - base
+    why = "above" if not r.get("met") else "beside"
+    out = ["", f"Why, from a profile ({why} the target): py-spy sampled rank 0 at {p['rate']} Hz, "
+               f"each arm's thread apart, "
+               + ("during the last of the runs above" if p.get("in_run") else "in one more in-run comparison")
+               + f" (on / off "
+               f"{p.get('total_ratio') or 0:.3f} while sampled). In the training loop the "
+               f"telemetry-on arm took {on['loop_samples']} samples against {base} for the off arm "
+               f"({spct(extra)}). Telemetry's own code took "
+               + "; ".join(f"{k.removeprefix('telemetry: ')} {on['categories'].get(k, 0)} "
+                           f"({pct(on['categories'].get(k, 0))} of the off arm's loop)" for k in ours)
+               + ". The hook's wait for the allreduce is counted under backward, where DDP's own "
+               "wait falls without a hook. The census and FLOP count (steps 1-7, and the FLOP "
+               f"count of step 500) are left out: {on['one_off_samples']} samples.", "",
+           "| where rank 0's time goes | on: samples | off: samples | on − off, share of off's loop |",
+           "|---|---|---|---|"]
+    for k in cats:
+        a, b = on["categories"].get(k, 0), off["categories"].get(k, 0)
+        out.append(f"| {k} | {a} | {b} | {spct(a - b)} |")
+    out += [f"| **training loop** | {on['loop_samples']} | {base} | {spct(extra)} |",
+            "", f"Profile command: `{p['command']}`"]
     return out
 
 

@@ -11,6 +11,9 @@ checkpoints to local disk every 100 steps in both arms.
   effect; turns a third of a second apart in the same processes do not.
   Every cost of telemetry is inside the turns (callbacks, the DDP comm hook,
   the census, the steps whose FLOPs are counted).
+* When the target is missed, one more such run with py-spy on rank 0 (each
+  arm's thread apart) says where the on arm's extra time goes: telemetry's
+  callbacks, the Python of its DDP comm hook, or the model's own phases.
 * When the throughput benchmark runs too, its fashion-cnn rounds carry a
   telemetry-off gradyard contender (whole jobs on the Ray cluster); that
   ratio is shown beside it, with its spread, for what it is.
@@ -22,6 +25,7 @@ from typing import Callable
 
 from bench.contenders import Workload
 from bench.env import JOBS, ROOT, VENV_BIN, Bench, read_json
+from bench.profile import profile_telemetry_ab
 from bench.settings import Size
 from bench.stats import paired, summary
 
@@ -54,11 +58,18 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
     # An even number of runs, so each arm goes first in half of them: runs that began with the
     # telemetry-on arm read higher (1.01-1.05, against 1.01-1.02 beginning with the off arm).
     repeats = size.repeats + size.repeats % 2
+    profile = None
     for r in range(repeats):
         d = bench.fresh("telemetry-ab")
         cmd = ab_command(wl, str(d / "result.json"), str(d / "runs"))
         cmd += ["--first", "on" if r % 2 == 0 else "off"]  # neither arm always goes first
-        bench.run(cmd, name="telemetry-ab")
+        if size.name == "smoke" and r == repeats - 1:
+            # Not a measurement: the profile runs inside a counted run, so that it does not rot.
+            profile = profile_telemetry_ab(bench, cmd, d)
+            if "error" in profile:
+                raise RuntimeError(f"the profiled run failed: {profile['error']}")
+        else:
+            bench.run(cmd, name="telemetry-ab")
         command = command or bench.shown(cmd)
         res = read_json(d / "result.json")
         runs.append(res)
@@ -67,6 +78,15 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
     ratio = summary([x["total_ratio"] for x in runs])
     ratio["target"] = TARGET
     ratio["met"] = bool(ratio.get("n")) and ratio["median"] <= TARGET
+    if profile is not None:
+        profile.update(total_ratio=runs[-1]["total_ratio"], in_run=True)
+    elif not ratio["met"]:
+        say("  telemetry above target: one more in-run comparison with py-spy on rank 0")
+        d = bench.fresh("telemetry-ab-pyspy")
+        cmd = ab_command(wl, str(d / "result.json"), str(d / "runs")) + ["--first", "on"]
+        profile = profile_telemetry_ab(bench, cmd, d)
+        if "error" not in profile:
+            profile["total_ratio"] = read_json(d / "result.json")["total_ratio"]
     out = {"workload": {"job": wl.job, "steps": wl.steps, "checkpoint_every": wl.checkpoint_every,
                         "batch_per_worker": wl.batch, "workers": wl.workers, "block_steps": BLOCK,
                         "warmup_steps": WARMUP},
@@ -75,6 +95,8 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
            "pair_ratio": summary([p for x in runs for p in x["pair_ratios"]]),
            "step_seconds": {arm: summary([x["step_seconds"][arm] for x in runs]) for arm in ("on", "off")},
            "runs": runs}
+    if profile is not None:
+        out["profile"] = profile
     got = shared.get("telemetry_rounds")
     if got is not None:
         on = [x["steps_per_second"] for x in got["on"]]
