@@ -360,8 +360,8 @@ def _telemetry_profile(p: dict | None, r: dict) -> list[str]:
     cats = list(dict.fromkeys([*on["categories"], *off["categories"]]))
     ours = [k for k in cats if k.startswith("telemetry:")]
     extra = on["loop_samples"] - base
-    why = "above" if not r.get("met") else "beside"
-    out = ["", f"Why, from a profile ({why} the target): py-spy sampled rank 0 at {p['rate']} Hz, "
+    lead = "Why, from a profile" if not r.get("met") else "Where the time goes, from a profile"
+    out = ["", f"{lead}: py-spy sampled rank 0 at {p['rate']} Hz, "
                f"each arm's thread apart, "
                + ("during the last of the runs above" if p.get("in_run") else "in one more in-run comparison")
                + f" (on / off "
@@ -371,8 +371,8 @@ def _telemetry_profile(p: dict | None, r: dict) -> list[str]:
                + "; ".join(f"{k.removeprefix('telemetry: ')} {on['categories'].get(k, 0)} "
                            f"({pct(on['categories'].get(k, 0))} of the off arm's loop)" for k in ours)
                + ". The hook's wait for the allreduce is counted under backward, where DDP's own "
-               "wait falls without a hook. The census and FLOP count (steps 1-7, and the FLOP "
-               f"count of step 500) are left out: {on['one_off_samples']} samples.", "",
+               "wait falls without a hook. The census and the FLOP counts (steps 1-7, then every "
+               f"`telemetry.measure_flops_every` steps) are left out: {on['one_off_samples']} samples.", "",
            "| where rank 0's time goes | on: samples | off: samples | on − off, share of off's loop |",
            "|---|---|---|---|"]
     for k in cats:
