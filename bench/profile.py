@@ -91,12 +91,59 @@ def parse_raw(text: str) -> dict:
 _NOT_LOOP = ("outside the training loop", "background: checkpoint writer thread", ONE_OFF)
 
 
-def _record(pid: int, out: Path, rate: int = 100) -> subprocess.Popen:
+def _record(pid: int, out: Path, rate: int = 100, threads: bool = False) -> subprocess.Popen:
     """``py-spy record`` of one process into ``out`` (raw format) until it exits or gets SIGINT."""
     return subprocess.Popen(
         [str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--nonblocking", "--format", "raw",
-         "--rate", str(rate), "--output", str(out)],
+         "--rate", str(rate), "--output", str(out), *(["--threads"] if threads else [])],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class _ProfiledRun:
+    """A command run to completion in ``folder`` (its log: run.log) with py-spy on some of its processes.
+
+    ``spy(pid, out)`` attaches py-spy; ``finish()`` waits for the command, then for
+    each py-spy to write its output.  On the way out nothing is left running.
+    """
+
+    def __init__(self, cmd: list[str], folder: Path):
+        self.folder = folder
+        self.log = open(folder / "run.log", "wb")  # noqa: SIM115 - closed in __exit__
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     start_new_session=True)
+        self.spies: list[subprocess.Popen] = []
+
+    def spy(self, pid: int, out: Path, **kw) -> None:
+        self.spies.append(_record(pid, out, **kw))
+
+    def finish(self) -> None:
+        if self.proc.wait(timeout=900) != 0:
+            raise RuntimeError(f"the profiled run failed (see {self.folder / 'run.log'})")
+        for spy in self.spies:
+            try:
+                spy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.send_signal(signal.SIGINT)  # py-spy writes what it has on Ctrl-C
+                spy.wait(timeout=30)
+
+    def __enter__(self) -> "_ProfiledRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.log.close()
+        for p in [self.proc, *self.spies]:
+            if p.poll() is None:
+                p.kill()
+
+
+def _read_rank0(out: Path, pid: int) -> str:
+    if not out.exists():
+        raise RuntimeError(f"py-spy recorded nothing for rank 0 (pid {pid}); no permission?")
+    return out.read_text()
+
+
+def _failed(exc: Exception, bench: Bench, cmd: list[str]) -> dict:
+    return {"error": f"{type(exc).__name__}: {str(exc)[-500:]}", "command": bench.shown(cmd)}
 
 
 def leaf_functions(text: str, top: int = 8) -> dict:
@@ -162,37 +209,17 @@ def profile_gradyard(bench: Bench, wl: Workload, storage_kind: str, mode: str) -
     storage, extra = gradyard_storage(bench, storage_kind)
     cmd = gradyard_command(bench, wl, storage, mode, extra)
     folder = bench.fresh("pyspy")
-    log = open(folder / "run.log", "wb")
-    run = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    spies = []
     try:
-        for pid in _ray_workers():
-            out = folder / f"{pid}.txt"
-            spies.append((out, _record(pid, out)))
-        if run.wait(timeout=900) != 0:
-            raise RuntimeError(f"the profiled run failed (see {folder / 'run.log'})")
-        for _, spy in spies:
-            try:
-                spy.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                spy.send_signal(signal.SIGINT)  # py-spy writes what it has on Ctrl-C
-                spy.wait(timeout=30)
+        with _ProfiledRun(cmd, folder) as run:
+            for pid in _ray_workers():
+                run.spy(pid, folder / f"{pid}.txt")
+            run.finish()
         summary = read_summary(bench, storage, wl.spec().name)
         pid0 = next(r["pid"] for r in summary["ranks"] if r["rank"] == 0)
-        out0 = folder / f"{pid0}.txt"
-        if not out0.exists():
-            raise RuntimeError(f"py-spy recorded nothing for rank 0 (pid {pid0}); no permission?")
-        rank0 = parse_raw(out0.read_text())
+        rank0 = parse_raw(_read_rank0(folder / f"{pid0}.txt", pid0))
         rank0["steps_per_second_under_pyspy"] = summary["steady_steps_per_second"]
     except Exception as exc:  # noqa: BLE001 - a profile that fails must not sink the figures
-        return {"error": f"{type(exc).__name__}: {str(exc)[-500:]}", "command": bench.shown(cmd)}
-    finally:
-        log.close()
-        if run.poll() is None:
-            run.kill()
-        for _, spy in spies:
-            if spy.poll() is None:
-                spy.kill()
+        return _failed(exc, bench, cmd)
     rank0["command"] = ("py-spy record --pid <each RayTrainWorker> --nonblocking --format raw "
                         "--rate 100, during: " + bench.shown(cmd))
     rank0["storage"] = storage_kind
@@ -268,37 +295,18 @@ def _rank0_child(parent: subprocess.Popen, timeout: float = 120) -> Optional[int
 def profile_telemetry_ab(bench: Bench, cmd: list[str], folder: Path, rate: int = 1000) -> dict:
     """Run one telemetry A/B (``cmd``) with py-spy on rank 0, each arm's thread apart."""
     out = folder / "rank0.pyspy"
-    log = open(folder / "run.log", "wb")
-    run = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    spy = None
     try:
-        pid = _rank0_child(run)
-        if pid is None:
-            raise RuntimeError(f"no rank-0 worker appeared (see {folder / 'run.log'})")
-        spy = subprocess.Popen(
-            [str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--nonblocking", "--threads",
-             "--format", "raw", "--rate", str(rate), "--output", str(out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if run.wait(timeout=900) != 0:
-            raise RuntimeError(f"the profiled run failed (see {folder / 'run.log'})")
-        try:
-            spy.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            spy.send_signal(signal.SIGINT)  # py-spy writes what it has on Ctrl-C
-            spy.wait(timeout=30)
-        if not out.exists():
-            raise RuntimeError(f"py-spy recorded nothing for rank 0 (pid {pid}); no permission?")
-        arms = parse_ab_raw(out.read_text())
+        with _ProfiledRun(cmd, folder) as run:
+            pid = _rank0_child(run.proc)
+            if pid is None:
+                raise RuntimeError(f"no rank-0 worker appeared (see {folder / 'run.log'})")
+            run.spy(pid, out, rate=rate, threads=True)
+            run.finish()
+        arms = parse_ab_raw(_read_rank0(out, pid))
         if set(arms) != {"on", "off"}:
             raise RuntimeError(f"py-spy saw the arms {sorted(arms)}, not on and off")
     except Exception as exc:  # noqa: BLE001 - a profile that fails must not sink the figures
-        return {"error": f"{type(exc).__name__}: {str(exc)[-500:]}", "command": bench.shown(cmd)}
-    finally:
-        log.close()
-        if run.poll() is None:
-            run.kill()
-        if spy is not None and spy.poll() is None:
-            spy.kill()
+        return _failed(exc, bench, cmd)
     return {"arms": arms, "rate": rate,
             "command": f"py-spy record --pid <rank 0> --nonblocking --threads --format raw "
                        f"--rate {rate}, during: {bench.shown(cmd)}"}
