@@ -365,9 +365,11 @@ def _telemetry_profile(p: dict | None, r: dict) -> list[str]:
                f"each arm's thread apart, "
                + ("during the last of the runs above" if p.get("in_run") else "in one more in-run comparison")
                + f" (on / off "
-               f"{p.get('total_ratio') or 0:.3f} while sampled). In the training loop the "
-               f"telemetry-on arm took {on['loop_samples']} samples against {base} for the off arm "
-               f"({spct(extra)}). Telemetry's own code took "
+               f"{p.get('total_ratio') or 0:.3f} while sampled). py-spy counts a thread only while "
+               "it is not waiting (a wait for the other rank in the allreduce is not a sample), so "
+               "the counts are busy time, not the wall time the ratio compares. In the training "
+               f"loop the telemetry-on arm took {on['loop_samples']} samples against {base} for the "
+               f"off arm ({spct(extra)}). Telemetry's own code took "
                + "; ".join(f"{k.removeprefix('telemetry: ')} {on['categories'].get(k, 0)} "
                            f"({pct(on['categories'].get(k, 0))} of the off arm's loop)" for k in ours)
                + ". The hook's wait for the allreduce is counted under backward, where DDP's own "
