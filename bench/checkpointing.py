@@ -63,26 +63,45 @@ def _alexnet():
 
 
 def _snapshot(model, optimizer, step_no: int):
-    """Rank 0's side of gradyard.callbacks.CheckpointCallback.save, on one process."""
+    """Rank 0's side of gradyard's CheckpointManager save, on one process."""
     from gradyard.checkpoint import Snapshot, to_cpu
-    from gradyard.trainer import rng_state
+    from gradyard.checkpoint.states import rng_state
 
     files = {"model.pt": to_cpu(model.state_dict()),
              "optimizer.pt": to_cpu(optimizer.state_dict()),
-             "state.pt": {"trainer": {"step": step_no}, "rng": [rng_state()]}}
-    return Snapshot(step=step_no, epoch=0, files=files, metrics={}, spec_hash="bench")
+             "state.pt": {"trainer": {"step": step_no}, "rng": [rng_state()], "callbacks": {}}}
+    return Snapshot(step=step_no, epoch=0, files=files, manifest={"run_id": "bench"})
 
 
-class _Timed:
-    """on_done hook of a CheckpointWriter: seconds each snapshot took in the background."""
+class _Store:
+    """gradyard's CheckpointStore (what rank 0's manager writes through), with each save's result kept."""
 
-    def __init__(self):
-        self.seconds: list[float] = []
-        self.ok: list[bool] = []
+    def __init__(self, storage, keep: int):
+        from gradyard.checkpoint import CheckpointStore
 
-    def __call__(self, snap, ok: bool, seconds: float) -> None:
-        self.ok.append(ok)
-        self.seconds.append(seconds)
+        self.results: list = []
+        self.store = CheckpointStore(storage, run_id=lambda: "bench", keep=keep)
+
+    def submit(self, snap) -> None:
+        from gradyard.checkpoint import SaveResult
+
+        result = SaveResult(step=snap.step)
+        self.results.append(result)
+        self.store.submit(snap, result)
+
+    def wait(self) -> None:
+        self.store.wait()
+
+    def close(self) -> None:
+        self.store.close()
+
+    @property
+    def seconds(self) -> list[float]:
+        return [r.write_s for r in self.results]
+
+    @property
+    def failed(self) -> list:
+        return [r for r in self.results if r.ok is False]
 
 
 SMALL_CHECKPOINTS = 10
@@ -92,8 +111,6 @@ def _small_state(bench: Bench, local, s3) -> dict:
     """CPU and wall time per checkpoint of fashion-cnn's state (the throughput benchmark's small
     workload), to local disk and to S3, ``keep=3`` as its job keeps: retention runs every time."""
     import torch
-
-    from gradyard.checkpoint import CheckpointWriter
 
     from bench.contenders import Workload
     from bench.scripts.plain_models import build_model
@@ -107,7 +124,7 @@ def _small_state(bench: Bench, local, s3) -> dict:
     cpu: dict[str, list[float]] = {"writer_local": [], "writer_s3": [], "s3_server": []}
     wall: dict[str, list[float]] = {"local": [], "s3": []}
     for kind, storage in (("local", local), ("s3", s3)):
-        writer = CheckpointWriter(storage, keep=wl.spec().checkpoint.keep)
+        writer = _Store(storage, keep=wl.spec().checkpoint.keep)
         try:
             for i in range(1, SMALL_CHECKPOINTS + 1):
                 snap = _snapshot(model, optimizer, i)
@@ -120,8 +137,8 @@ def _small_state(bench: Bench, local, s3) -> dict:
                     cpu["s3_server"].append(bench.s3_cpu_seconds() - s0)
         finally:
             writer.close()
-        if writer.failures_total:
-            raise RuntimeError(f"a small checkpoint failed to write: {writer.last_error}")
+        if writer.failed:
+            raise RuntimeError(f"a small checkpoint failed to write: {writer.failed[0].error}")
     return {"parameters": sum(p.numel() for p in model.parameters()), "checkpoints": SMALL_CHECKPOINTS,
             "keep": wl.spec().checkpoint.keep,
             "cpu_seconds_per_checkpoint": {k: summary(v) for k, v in cpu.items()},
@@ -132,7 +149,6 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
     import s3fs
     import torch
 
-    from gradyard.checkpoint import CheckpointWriter, checkpoint_dirname
     from gradyard.storage import open_storage
 
     threads = torch.get_num_threads()
@@ -145,8 +161,7 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
             step()
         storages = {"local": open_storage(str(bench.fresh("ckpt-local"))),
                     "s3": open_storage(f"s3://{BUCKET}/ckpt-bench", endpoint_url=bench.s3.endpoint)}
-        timers = {k: _Timed() for k in storages}
-        writers = {k: CheckpointWriter(s, keep=1, on_done=timers[k]) for k, s in storages.items()}
+        writers = {k: _Store(s, keep=1) for k, s in storages.items()}
         plain = s3fs.S3FileSystem(client_kwargs={"endpoint_url": bench.s3.endpoint})
         steps: list[float] = []
         blocked: dict[str, list[float]] = {k: [] for k in storages}
@@ -171,9 +186,9 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
                         cpu["s3_server"].append(bench.s3_cpu_seconds() - s0)
                 if isinstance(spy, Spy):
                     server_profile = spy.result
-            local_dir = storages["local"].join("checkpoints", checkpoint_dirname(n))
+            local_dir = storages["local"].join("checkpoints", writers["local"].results[-1].name)
             nbytes = sum(storages["local"].fs.du(local_dir, total=False).values())
-            rates["checkpoint_writer"].append(nbytes / timers["s3"].seconds[-1])
+            rates["checkpoint_writer"].append(nbytes / writers["s3"].seconds[-1])
             target = f"{BUCKET}/s3fs-put/round-{r}"
             t0 = time.perf_counter()
             plain.put(local_dir + "/", target + "/", recursive=True)
@@ -182,7 +197,7 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
             say(f"  checkpoint round {r + 1}/{size.checkpoint_rounds}: blocked "
                 f"{blocked['local'][-1]:.3f}s local, {blocked['s3'][-1]:.3f}s S3; S3 writer "
                 f"{rates['checkpoint_writer'][-1] / 1e6:.0f} MB/s, s3fs put {rates['s3fs_put'][-1] / 1e6:.0f} MB/s")
-        if not all(all(t.ok) for t in timers.values()):
+        if any(w.failed for w in writers.values()):
             raise RuntimeError("a checkpoint failed to write")
         small = _small_state(bench, storages["local"].child("small"),
                              open_storage(f"s3://{BUCKET}/ckpt-bench-small", endpoint_url=bench.s3.endpoint))
@@ -190,7 +205,7 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
         mean_step = sum(steps) / len(steps)
         by_storage = {kind: {"blocked_seconds": summary(v),
                              "blocked_over_mean_step": summary([b / mean_step for b in v]),
-                             "background_write_seconds": summary(timers[kind].seconds)}
+                             "background_write_seconds": summary(writers[kind].seconds)}
                       for kind, v in blocked.items()}
         return {"parameters": params, "checkpoint_bytes": nbytes, "batch": BATCH, "threads": 1,
                 "cpu_seconds_per_checkpoint": {k: summary(v) for k, v in cpu.items()},
@@ -202,9 +217,9 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
                                "s3fs_put": "s3fs.S3FileSystem(client_kwargs={'endpoint_url': $S3_ENDPOINT})"
                                            ".put('<local checkpoint>/', 'gradyard-bench/s3fs-put/round-N/', "
                                            "recursive=True)",
-                               "checkpoint_writer": "gradyard.checkpoint.CheckpointWriter(open_storage("
+                               "checkpoint_writer": "gradyard.checkpoint.CheckpointStore(open_storage("
                                                     "'s3://gradyard-bench/ckpt-bench', endpoint_url="
-                                                    "$S3_ENDPOINT), keep=1).submit(snapshot); .wait()"}}}
+                                                    "$S3_ENDPOINT), keep=1).submit(snapshot, result); .wait()"}}}
     finally:
         for w in writers.values():
             w.close()

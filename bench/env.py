@@ -24,7 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from gradyard.testing.processes import kill_tagged
+from testkit.cluster import RayCluster
+from testkit.processes import kill_tagged
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
@@ -43,50 +44,6 @@ def _tail(path: Path, n: int = 3000) -> str:
         return path.read_text(errors="replace")[-n:]
     except OSError:
         return ""
-
-
-class RayCluster:
-    """``ray start --head`` on loopback under its own temp dir (the tests' etiquette)."""
-
-    def __init__(self, temp_dir: Path, log: Path):
-        from gradyard.testing import free_port
-
-        self.temp_dir = str(temp_dir)
-        self.log = log
-        self.tag = uuid.uuid4().hex
-        self.port = free_port()
-        self.dashboard_port = free_port()
-        self._free_port = free_port
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
-
-    def start(self) -> "RayCluster":
-        fp = self._free_port
-        cmd = [str(VENV_BIN / "ray"), "start", "--head", f"--port={self.port}",
-               "--node-ip-address=127.0.0.1", "--num-cpus=4", "--include-dashboard=true",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               f"--temp-dir={self.temp_dir}", "--object-store-memory=300000000",
-               "--disable-usage-stats", f"--ray-client-server-port={fp()}",
-               "--min-worker-port=23000", "--max-worker-port=23999",
-               f"--dashboard-agent-listen-port={fp()}", f"--metrics-export-port={fp()}",
-               f"--runtime-env-agent-port={fp()}"]
-        with open(self.log, "ab") as out:
-            r = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=180,
-                               env={**os.environ, "GRADYARD_BENCH_CLUSTER": self.tag})
-        if r.returncode != 0:
-            self.stop()
-            raise BenchError(f"ray start failed:\n{_tail(self.log)}")
-        return self
-
-    def stop(self) -> None:
-        kill_tagged("GRADYARD_BENCH_CLUSTER", self.tag)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def set_environment(tmp: Path) -> dict:
@@ -150,7 +107,9 @@ class Bench:
     @property
     def cluster(self) -> RayCluster:
         if self._cluster is None:
-            self._cluster = RayCluster(self.tmp / "r", self.tmp / "ray-start.log").start()
+            self._cluster = RayCluster(temp_dir=str(self.tmp / "r"), log=self.tmp / "ray-start.log",
+                                       tag_var="GRADYARD_BENCH_CLUSTER", worker_ports="23000-23999",
+                                       fast_health_checks=False).start()
         return self._cluster
 
     def stop_cluster(self) -> None:
@@ -192,7 +151,7 @@ class Bench:
 
     def s3_cpu_seconds(self) -> float:
         """CPU seconds the S3 server has used so far (it shares this machine's cores)."""
-        from gradyard.testing.processes import psutil
+        from testkit.processes import psutil
 
         t = psutil().Process(self.s3.proc.pid).cpu_times()
         return t.user + t.system
@@ -200,7 +159,7 @@ class Bench:
     @property
     def s3(self):
         if self._s3 is None:
-            from gradyard.testing import MotoServer
+            from testkit import MotoServer
 
             self._s3 = MotoServer().start()
             self._s3.create_bucket(BUCKET)

@@ -48,7 +48,7 @@ def _frames(stack: str) -> list[tuple[str, str]]:
 
 def categorize(frames: list[tuple[str, str]]) -> str:
     """The phase or gradyard component one sample belongs to (root-to-leaf frames)."""
-    if any(func == "CheckpointWriter._run" for func, _ in frames):
+    if any(func == "BackgroundWriter._run" for func, _ in frames):
         return "background: checkpoint writer thread"
     if not any(func == "Trainer.fit" for func, _ in frames):
         return "outside the training loop"
@@ -184,7 +184,7 @@ class Spy:
 
 def _ray_workers(timeout: float = 180) -> list[int]:
     """PIDs of the bench's RayTrainWorker processes (the run's: runs never overlap), once there are two."""
-    from gradyard.testing.processes import psutil as _psutil
+    from testkit.processes import psutil as _psutil
 
     psutil = _psutil()
     tag = os.environ["GRADYARD_BENCH_TAG"]
@@ -274,7 +274,7 @@ def parse_ab_raw(text: str) -> dict:
 
 def _rank0_child(parent: subprocess.Popen, timeout: float = 120) -> Optional[int]:
     """PID of the torchrun worker with RANK=0 under ``parent``, once it exists."""
-    from gradyard.testing.processes import psutil as _psutil
+    from testkit.processes import psutil as _psutil
 
     psutil = _psutil()
     deadline = time.monotonic() + timeout

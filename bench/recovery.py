@@ -2,7 +2,7 @@
 
 A real gradyard run on the bench's Ray cluster (fashion-cnn, 2 workers,
 checkpoints every 10 steps to local disk) whose rank 1 SIGKILLs itself after
-steps 25, 45, 65, ... (gradyard.testing.faults, through GRADYARD_FAULTS): one
+steps 25, 45, 65, ... (testkit.faults, passed in by testkit/launch_faults.py): one
 kill per repeat, each 5 steps after a checkpoint, all in one run, so the
 repeats pay Ray's job start-up once.  Each kill is a separate recovery: Ray
 Train notices the dead worker, starts a new worker group, and gradyard resumes
@@ -14,12 +14,11 @@ restarts the workers" and "gradyard resumes from the checkpoint and takes a step
 
 from __future__ import annotations
 
-import json
 import shutil
 from typing import Callable
 
 from bench.contenders import Workload, gradyard_command
-from bench.env import Bench, read_json
+from bench.env import PY, ROOT, Bench, read_json
 from bench.settings import Size
 from bench.stats import summary
 
@@ -64,11 +63,13 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
     wl = Workload("fashion-cnn", steps=kills[-1] + 15, checkpoint_every=EVERY)
     storage = bench.fresh("recovery")
     marker = storage / "faults.log"
-    faults = {"kill_at_step": kills, "kill_rank": 1, "marker": str(marker)}
+    faults = ["--kill-at", ",".join(map(str, kills)), "--kill-rank", "1", "--marker", str(marker)]
     cmd = gradyard_command(bench, wl, str(storage), "client",
                            (f"failure.max_failures={len(kills)}",))
-    bench.run(cmd, name="recovery", env={"GRADYARD_FAULTS": json.dumps(faults)})
-    from gradyard.testing.faults import read_marker
+    # `gradyard run`, with the kills passed in explicitly (testkit's launcher).
+    cmd = [PY, str(ROOT / "testkit" / "launch_faults.py"), *faults, *cmd[2:]]
+    bench.run(cmd, name="recovery")
+    from testkit.faults import read_marker
 
     run_dir = storage / wl.spec().name
     s = read_json(run_dir / "summary.json")
@@ -81,11 +82,10 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
             f"{r['seconds_to_first_resumed_step']:.2f}s (restart {r['kill_to_new_worker_group']:.2f}s"
             f" + resume {r['new_worker_group_to_first_step']:.2f}s)")
     shutil.rmtree(storage, ignore_errors=True)
-    shown = json.dumps({**faults, "marker": "..."})
     return {"kill_at_steps": kills, "checkpoint_every": EVERY,
             "resumed_from_steps": [r["resumed_from_step"] for r in rounds],
             "rounds": rounds,
             **{k: summary([r[k] for r in rounds]) for k in (
                 "seconds_to_first_resumed_step", "kill_to_new_worker_group",
                 "new_worker_group_to_first_step")},
-            "command": f"GRADYARD_FAULTS='{shown}' " + bench.shown(cmd)}
+            "command": bench.shown(cmd)}

@@ -45,7 +45,7 @@ from gradyard.analysis.calibrate import (
 )
 from gradyard.analysis.opclass import DATA_MOVEMENT, ELEMENTWISE, MATMUL, REDUCTION
 from gradyard.events import Event
-from gradyard.testing.servers import free_port
+from testkit import free_port
 from torch import nn
 
 CPU = torch.device("cpu")

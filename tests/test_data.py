@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-import fsspec
+import boto3
 import pytest
 import torch
 import torchvision
@@ -13,15 +13,17 @@ from torch.utils.data import DataLoader
 from gradyard.data import DataError, build_datasets
 from gradyard.data.augment import Augmented
 from gradyard.data.base import ImageDataset
-from gradyard.job import parse_job
-from gradyard.testing.datafiles import MAMMO, make_aclimdb, make_imagefolder, make_mnist
+from gradyard.job import JobError, parse_job
+from testkit.datafiles import MAMMO, make_aclimdb, make_imagefolder, make_mnist
+
+pytestmark = pytest.mark.unit
 
 
 def spec_for(arch: str, source: str, fmt: str | None = None, augmentation=(), loss="auto",
-             seed: int = 0, **data):
+             seed: int = 0, storage=None, **data):
     data = {"source": source, **({"format": fmt} if fmt else {}), **data}
     return parse_job({"name": "t", "model": {"arch": arch}, "data": data, "loss": loss,
-                      "schedule": {"epochs": 1, "seed": seed},
+                      "schedule": {"epochs": 1, "seed": seed}, "storage": storage or {},
                       "augmentation": list(augmentation)})
 
 
@@ -72,23 +74,27 @@ def test_idx_wrong_magic_and_missing_files(tmp_path):
     assert str(err.value).endswith("or run with --set data.source=synthetic.")
 
 
-def test_remote_source_is_staged_once(tmp_path):
+@pytest.mark.ray  # needs moto's server (a session fixture), not the fast lane
+def test_remote_source_is_staged_once(tmp_path, s3):
     local = tmp_path / "mnist"
     make_mnist(local, gz=True)
-    fs = fsspec.filesystem("memory")
+    client = boto3.client("s3", endpoint_url=s3.endpoint)
+    prefix = f"staging-{tmp_path.name}/mnist"
     for f in local.iterdir():
-        fs.pipe(f"/gradyard-test/mnist/{f.name}", f.read_bytes())
+        client.put_object(Bucket="gradyard-test", Key=f"{prefix}/{f.name}", Body=f.read_bytes())
     cache = tmp_path / "cache"
-    spec = spec_for("lenet5", "memory://gradyard-test/mnist", "idx", cache_dir=str(cache))
+    url = f"s3://gradyard-test/{prefix}"
+    spec = spec_for("lenet5", url, "idx", cache_dir=str(cache), storage={"endpoint_url": s3.endpoint})
     _, test, _ = build_datasets(spec)
     staged = [p for p in cache.iterdir() if p.is_dir()]
     assert len(staged) == 1 and (staged[0] / "t10k-images-idx3-ubyte.gz").is_file()
-    fs.rm("/gradyard-test/mnist", recursive=True)  # a second build must not need the remote
+    for f in local.iterdir():  # a second build must not need the remote
+        client.delete_object(Bucket="gradyard-test", Key=f"{prefix}/{f.name}")
     _, again, _ = build_datasets(spec)
     assert torch.equal(stack(test)[0], stack(again)[0])
-    with pytest.raises(DataError, match="data.source: nothing at memory://gradyard-test/gone"):
-        build_datasets(spec_for("lenet5", "memory://gradyard-test/gone", "idx",
-                                cache_dir=str(cache)))
+    with pytest.raises(DataError, match="data.source: nothing at s3://gradyard-test/gone"):
+        build_datasets(spec_for("lenet5", "s3://gradyard-test/gone", "idx", cache_dir=str(cache),
+                                storage={"endpoint_url": s3.endpoint}))
 
 
 # ---------------------------------------------------------------- ImageFolder
@@ -171,6 +177,58 @@ def test_mammographic_imputes_and_standardises(tmp_path):
         build_datasets(spec_for("mlp", str(tmp_path / "empty"), "mammographic"))
     with pytest.raises(DataError, match="data.source: nothing at .*elsewhere.data"):
         build_datasets(spec_for("mlp", str(tmp_path / "elsewhere.data"), "mammographic"))
+
+
+@pytest.mark.parametrize("cell", ["?", "", "nan", "NA"])
+def test_a_missing_csv_target_is_an_error_naming_row_and_column(tmp_path, cell):
+    """A missing target used to become a class of its own, or turn the task into NaN regression."""
+    rows = ["a,b,label"] + [f"{i},{i % 3},{'yes' if i % 2 else 'no'}" for i in range(10)]
+    rows[5] = f"4,1,{cell}"  # line 6 of the file (the header is line 1)
+    (tmp_path / "t.csv").write_text("\n".join(rows))
+    with pytest.raises(DataError) as err:
+        build_datasets(spec_for("mlp", str(tmp_path / "t.csv"), "csv"))
+    assert "t.csv row 6, column 'label'" in str(err.value) and "cannot be missing" in str(err.value)
+
+
+def test_bad_cells_and_empty_files_are_data_errors(tmp_path):
+    (tmp_path / "f.csv").write_text("a,b,y\n1,x,0\n2,3,1\n4,5,0\n")
+    with pytest.raises(DataError, match=r"f.csv row 2, column 'b': 'x' is not a number"):
+        build_datasets(spec_for("mlp", str(tmp_path / "f.csv"), "csv"))
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(DataError, match="e.csv is empty"):
+        build_datasets(spec_for("mlp", str(tmp_path / "e.csv"), "csv"))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "mammographic_masses.data").write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        build_datasets(spec_for("mlp", str(tmp_path / "m"), "mammographic"))
+    (tmp_path / "m" / "mammographic_masses.data").write_text(MAMMO.replace("4,28,1,1,3,0", "4,28,1,1,3,2"))
+    with pytest.raises(DataError, match=r"row 4, column 'severity': target '2' is not 0 \(benign\) or 1"):
+        build_datasets(spec_for("mlp", str(tmp_path / "m"), "mammographic"))
+    (tmp_path / "idx").mkdir()
+    make_mnist(tmp_path / "idx", gz=True)
+    (tmp_path / "idx" / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="cannot read idx data"):
+        build_datasets(spec_for("lenet5", str(tmp_path / "idx"), "idx"))
+
+
+def test_links_out_of_the_dataset_are_not_followed(tmp_path):
+    """An ImageFolder class directory (or one image) that is a link to elsewhere is refused by name."""
+    make_imagefolder(tmp_path / "food")
+    make_imagefolder(tmp_path / "secret")
+    (tmp_path / "food" / "train" / "other").symlink_to(tmp_path / "secret" / "train" / "pizza")
+    with pytest.raises(DataError) as err:
+        build_datasets(spec_for("tinyvgg", str(tmp_path / "food"), "imagefolder"))
+    assert "train/other is a symbolic link out of the dataset" in str(err.value)
+    (tmp_path / "food" / "train" / "other").unlink()
+    (tmp_path / "food" / "train" / "pizza" / "9.png").symlink_to(tmp_path / "secret" / "train" / "sushi" / "0.png")
+    with pytest.raises(DataError, match="pizza/9.png is a symbolic link out of the dataset"):
+        build_datasets(spec_for("tinyvgg", str(tmp_path / "food"), "imagefolder"))
+    # A dataset root that is itself a link, with links inside it that stay inside: fine.
+    (tmp_path / "food" / "train" / "pizza" / "9.png").unlink()
+    (tmp_path / "food" / "train" / "pizza" / "9.png").symlink_to(tmp_path / "food" / "train" / "pizza" / "0.png")
+    (tmp_path / "alias").symlink_to(tmp_path / "food")
+    train, _, _ = build_datasets(spec_for("tinyvgg", str(tmp_path / "alias"), "imagefolder"))
+    assert len(train) == 10
 
 
 def test_csv_targets(tmp_path):
@@ -326,7 +384,7 @@ def test_augmentation_is_train_only_and_uint8_safe_on_grayscale():
 
 
 def test_augmentation_rejected_for_tabular_and_text(tmp_path):
-    with pytest.raises(DataError, match="augmentation: only image data can be augmented"):
-        build_datasets(spec_for("mlp", "circles", augmentation=[{"name": "flip"}]))
-    with pytest.raises(DataError, match="augmentation: .* gives text data"):
-        build_datasets(spec_for("lstm_sentiment", "synthetic", augmentation=[{"name": "flip"}]))
+    with pytest.raises(JobError, match="augmentation: only image data can be augmented"):
+        spec_for("mlp", "circles", augmentation=[{"name": "flip"}])
+    with pytest.raises(JobError, match="augmentation: .* gives text data"):
+        spec_for("lstm_sentiment", "synthetic", augmentation=[{"name": "flip"}])

@@ -107,3 +107,87 @@ def test_cli_jobs_lists_models_datasets_and_parameter_counts():
     # torchvision AlexNet has 61.1M parameters with 1000 classes; fewer with fewer classes.
     assert int(rows["alexnet"]["parameters"].replace(",", "").split()[0]) > 50_000_000
     assert "trainable" in rows["efficientnet-transfer"]["parameters"]
+
+
+# ---------------------------------------------------------------- bounds and locations (untrusted input)
+
+
+@pytest.mark.parametrize("override, key, shown", [
+    ("data.loader_workers=1000000", "data.loader_workers", "64 (got 1000000)"),
+    ("optimizer.lr=.inf", "optimizer.lr", "finite number (got inf)"),
+    ("optimizer.lr=1e9", "optimizer.lr", "less than or equal to 100 (got '1e9')"),
+    ("schedule.seed=2300000000000001", "schedule.seed", "less than or equal to 4294967295 (got 2300000000000001)"),
+    ("scaling.resources_per_worker={CPU: -5}", "scaling.resources_per_worker", "CPU: -5.0 is not an amount"),
+    ("scaling.resources_per_worker={CPU: .nan}", "scaling.resources_per_worker.CPU", "finite number (got nan)"),
+    ("data.vocab_size=1000000000", "data.vocab_size", "less than or equal to 10000000 (got 1000000000)"),
+    ("data.max_length=1000000000", "data.max_length", "less than or equal to 100000 (got 1000000000)"),
+    ("data.image_size=1000000000", "data.image_size", "less than or equal to 4096 (got 1000000000)"),
+    ("data.num_samples=1000000000", "data.num_samples", "less than or equal to 100000000 (got 1000000000)"),
+    ("checkpoint.best_metric=test_acuracy", "checkpoint.best_metric", "'test_accuracy', 'test_loss'"),
+    ("scaling.num_workers=100000", "scaling.num_workers", "100000 workers; allowed: 1 to 4096"),
+    ("storage.url=http://example.com/runs", "storage.url", "unsupported scheme 'http://'; allowed: a local path"),
+    ("data.source=ftp://example.com/d", "data.source", "unsupported scheme 'ftp://'"),
+    ("model.pretrained=https://example.com/w.pt", "model.pretrained", "unsupported scheme 'https://'"),
+    ("storage.endpoint_url=ftp://minio:9000", "storage.endpoint_url", "http:// or https://"),
+])
+def test_absurd_values_are_refused_naming_key_value_and_bound(override, key, shown):
+    with pytest.raises(JobError) as err:
+        load_job(JOBS / "circles.yaml", [override])
+    line = next((ln.strip() for ln in str(err.value).splitlines() if ln.strip().startswith(key + ":")), "")
+    assert shown in line, str(err.value)
+
+
+def test_sizes_that_do_not_fit_host_memory_are_refused_with_the_estimate():
+    from gradyard.catalogue import host_memory_bytes
+
+    gb = host_memory_bytes() / 1e9
+    with pytest.raises(JobError) as err:  # 10^8 synthetic 3x1024x1024 images
+        load_job(JOBS / "tinyvgg.yaml", ["data.source=synthetic", "data.num_samples=100000000",
+                                          "data.image_size=1024"])
+    msg = str(err.value)
+    assert "data.num_samples: this job needs about" in msg and f"this machine has {gb:,.1f} GB" in msg
+    with pytest.raises(JobError, match="model.params.hidden: this job needs about"):
+        load_job(JOBS / "mnist-deep.yaml", ["model.params.hidden=[1000000, 1000000]"])
+    with pytest.raises(JobError, match="data.vocab_size: this job needs about"):
+        load_job(JOBS / "imdb-lstm.yaml", ["data.vocab_size=10000000", "model.params.embed_dim=100000"])
+
+
+def test_credentials_in_urls_are_refused_without_echoing_them():
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYzEXAMPLEKEY"
+    for key in ("storage.url", "data.source", "model.pretrained"):
+        with pytest.raises(JobError) as err:
+            load_job(JOBS / "circles.yaml", [f"{key}=s3://AKIAEXAMPLE:{secret}@bucket/x", "data.format=csv"])
+        assert f"{key}: must not carry credentials" in str(err.value)
+        assert secret not in str(err.value)
+    with pytest.raises(JobError) as err:
+        load_job(JOBS / "circles.yaml", [f"storage.url=s3://bucket/x?X-Amz-Signature={secret}"])
+    assert "takes no query string" in str(err.value) and secret not in str(err.value)
+
+
+def test_validate_imports_no_torch_and_fits_in_little_memory():
+    """Validation of every shipped job: the schema and the catalogue, no torch, no Ray."""
+    import subprocess
+    import sys
+
+    # VmHWM, not getrusage's ru_maxrss, which keeps the forking parent's peak across exec.
+    code = ("import sys, glob\n"
+            "from gradyard.cli import main\n"
+            "rc = main(['validate', *sorted(glob.glob('jobs/*.yaml'))])\n"
+            "heavy = sorted(m for m in ('torch', 'torchvision', 'ray', 'fsspec', 's3fs') if m in sys.modules)\n"
+            "hwm = next(int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('VmHWM'))\n"
+            "print('HEAVY', heavy, 'PEAK_KB', hwm)\n"
+            "sys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=JOBS.parent)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY []" in r.stdout
+    assert r.stdout.count(": ok (") == len(list(JOBS.glob("*.yaml")))
+    peak_kb = int(r.stdout.rsplit("PEAK_KB", 1)[1])
+    assert peak_kb < 200 * 1024, f"{peak_kb / 1024:.0f} MB"
+
+
+def test_synthetic_keeps_the_shapes_of_the_data_it_replaces():
+    spec = load_job(JOBS / "mnist-shallow.yaml", ["data.source=synthetic"])
+    assert spec.data.like == "digits"
+    spec = load_job(JOBS / "fashion-cnn.yaml", ["data.source=synthetic"])
+    assert spec.data.like == "idx"

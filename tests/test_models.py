@@ -7,11 +7,14 @@ import torch
 import torchvision
 from torch import nn
 
+import inspect
+
+from gradyard.catalogue import CATALOGUE, check_job
 from gradyard.data import DataInfo
 from gradyard.job import JobError, parse_job
-from gradyard.models import (
-    CATALOGUE, ModelError, build_model, check_model_section, count_parameters,
-)
+from gradyard.models import BUILDERS, ModelError, build_model, builder_params, count_parameters
+
+pytestmark = pytest.mark.unit
 
 
 def job(arch: str, source: str = "synthetic", **sections) -> dict:
@@ -44,7 +47,7 @@ def test_every_entry_builds_and_takes_a_training_step(arch):
     torch.manual_seed(0)
     entry = CATALOGUE[arch]
     info = default_info(entry)
-    model = entry.builder(info)
+    model = BUILDERS[entry.arch](info)
     out = model(batch(info, 2))
     assert out.shape == (2, info.num_classes if info.task == "multiclass" else 1)
     out.float().pow(2).mean().backward()
@@ -56,7 +59,7 @@ def test_every_entry_builds_and_takes_a_training_step(arch):
 
 def test_efficientnet_features_frozen_and_classifier_replaced():
     entry = CATALOGUE["efficientnet_b0_transfer"]
-    model = entry.builder(default_info(entry, num_classes=5), dropout=0.3)
+    model = BUILDERS[entry.arch](default_info(entry, num_classes=5), dropout=0.3)
     assert all(not p.requires_grad for p in model.features.parameters())
     drop, head = model.classifier
     assert isinstance(drop, nn.Dropout) and drop.p == 0.3
@@ -65,10 +68,10 @@ def test_efficientnet_features_frozen_and_classifier_replaced():
     assert trainable == 1280 * 5 + 5 < total
 
 
-def test_efficientnet_preprocess_is_the_weights_own():
+def test_efficientnet_preprocess_is_the_weights_own():  # the catalogue's copy of torchvision's transforms
     p = CATALOGUE["efficientnet_b0_transfer"].preprocess
     t = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.transforms()
-    assert (p.resize, p.crop, p.interpolation) == (256, 224, "bicubic")
+    assert (p.resize, p.crop, p.interpolation) == (t.resize_size[0], t.crop_size[0], t.interpolation.value)
     assert p.mean == tuple(t.mean) and p.std == tuple(t.std)
 
 
@@ -90,7 +93,7 @@ def test_efficientnet_pretrained_loads_before_the_head_is_replaced(tmp_path):
 def test_pretrained_that_does_not_fit_is_a_clear_error(tmp_path):
     path = tmp_path / "lenet.pt"
     entry = CATALOGUE["lenet5"]
-    torch.save(entry.builder(default_info(entry)).state_dict(), path)
+    torch.save(BUILDERS[entry.arch](default_info(entry)).state_dict(), path)
     spec = parse_job(job("efficientnet_b0_transfer", model={"pretrained": str(path)}))
     with pytest.raises(ModelError, match=r"model\.pretrained: .*do not fit efficientnet_b0"):
         build_model(spec, default_info(CATALOGUE["efficientnet_b0_transfer"]))
@@ -103,7 +106,7 @@ def test_other_models_load_a_full_state_dict(tmp_path):
     entry = CATALOGUE["lenet5"]
     info = default_info(entry)
     torch.manual_seed(1)
-    source = entry.builder(info)
+    source = BUILDERS[entry.arch](info)
     # As a DDP-wrapped model inside a checkpoint dict would save it.
     wrapped = {"model": {f"module.{k}": v for k, v in source.state_dict().items()}}
     torch.save(wrapped, tmp_path / "w.pt")
@@ -129,8 +132,8 @@ def test_layer_sizes_follow_the_documented_models():
 
     for arch, features in (("fashion_cnn", 10 * 7 * 7), ("tinyvgg", 10 * 13 * 13),
                            ("lenet5", 16 * 5 * 5)):
-        assert linear_in(CATALOGUE[arch].builder(default_info(CATALOGUE[arch]))) == features
-    shallow = CATALOGUE["mlp"].builder(
+        assert linear_in(BUILDERS[arch](default_info(CATALOGUE[arch]))) == features
+    shallow = BUILDERS["mlp"](
         default_info(CATALOGUE["mlp"], input_shape=(1, 28, 28), num_classes=10, task="multiclass"),
         hidden=[100], activation="sigmoid")
     assert [type(m).__name__ for m in shallow] == ["Flatten", "Linear", "Sigmoid", "Linear"]
@@ -151,20 +154,29 @@ def test_layer_sizes_follow_the_documented_models():
     (job("lenet5", "/x", data={"format": "mammographic"}),
      "data.source: '/x' gives tabular data, but lenet5 takes image data"),
 ])
-def test_check_model_section_names_the_key(doc, message):
+def test_check_job_names_the_key(doc, message):
     with pytest.raises(JobError) as err:
         parse_job(doc)
     assert message in str(err.value)
 
 
-def test_check_model_section_accepts_good_jobs():
+def test_check_job_accepts_good_jobs():
     spec = parse_job(job("mlp", "digits", model={"params": {"hidden": [16]}}))
-    assert check_model_section(spec) is None
-    assert check_model_section(parse_job(job("efficientnet_b0_transfer", "/d",
-                                             data={"format": "imagefolder"}))) is None
+    assert check_job(spec) is None
+    assert check_job(parse_job(job("efficientnet_b0_transfer", "/d", data={"format": "imagefolder"}))) is None
 
 
-def test_bad_activation_is_a_model_error():
-    spec = parse_job(job("mlp", model={"params": {"activation": "gelu"}}))
-    with pytest.raises(ModelError, match="model.params.activation: unknown activation 'gelu'"):
-        build_model(spec, default_info(CATALOGUE["mlp"]))
+def test_bad_activation_is_refused_at_validation():
+    with pytest.raises(JobError, match=r"model.params.activation: unknown activation; allowed: relu, sigmoid, "
+                                       r"tanh \(got 'gelu'\)"):
+        parse_job(job("mlp", model={"params": {"activation": "gelu"}}))
+
+
+@pytest.mark.parametrize("arch", sorted(CATALOGUE))
+def test_the_catalogue_describes_each_builder_exactly(arch):
+    """The torch-free catalogue (what `gradyard validate` checks) and the builders cannot drift."""
+    entry = CATALOGUE[arch]
+    assert list(entry.params) == builder_params(arch)
+    defaults = {n: p.default for n, p in inspect.signature(BUILDERS[arch]).parameters.items()
+                if n in entry.params}
+    assert {k: (tuple(v) if isinstance(v, list) else v) for k, v in entry.params.items()} == defaults

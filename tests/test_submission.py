@@ -94,23 +94,42 @@ def test_ray_job_submit_exactly_as_the_readme_shows(two_nodes, s3):
     assert storage.fs.exists(storage.join("summary.json"))
 
 
-def _submit_and_wait(cluster, *args: str, env: dict | None = None, timeout: float = 400) -> dict:
+def _submit(cluster, *args: str, entrypoint: str = "python -m gradyard.launch", timeout: float = 400,
+            env: dict | None = None) -> tuple[str, str]:
+    """(final status, logs) of a job submitted with Ray's job API."""
     client = JobSubmissionClient(cluster.dashboard)
-    job_id = client.submit_job(
-        entrypoint="python -m gradyard.launch " + shlex.join(args),
-        runtime_env={"working_dir": str(ROOT), "env_vars": env or {}})
+    job_id = client.submit_job(entrypoint=f"{entrypoint} " + shlex.join(args),
+                               runtime_env={"working_dir": str(ROOT), "env_vars": env or {},
+                                            "excludes": [".venv/", ".git/", "runs/"]})
     status = wait_until(lambda: (s := str(client.get_job_status(job_id).value)) in
                         ("SUCCEEDED", "FAILED", "STOPPED") and s, timeout=timeout, interval=1,
                         what=f"job {job_id}")
-    assert status == "SUCCEEDED", client.get_job_logs(job_id)[-4000:]
-    return client.get_job_logs(job_id)
+    return status, client.get_job_logs(job_id)
+
+
+def _submit_and_wait(cluster, *args: str, **kw) -> str:
+    status, logs = _submit(cluster, *args, **kw)
+    assert status == "SUCCEEDED", logs[-4000:]
+    return logs
+
+
+@pytest.mark.multinode
+def test_local_storage_with_workers_on_several_nodes_is_refused_before_they_start(two_nodes, tmp_path):
+    """Each node would write its own copy of the run directory and resume from a stale one."""
+    status, logs = _submit(two_nodes, "jobs/circles.yaml", "--set", "scaling.placement=SPREAD",
+                           "--storage", str(tmp_path), timeout=200)
+    assert status == "FAILED"
+    assert "storage.url:" in logs and "is a local path, but this cluster has 2 nodes" in logs
+    assert "storage.shared: true" in logs and "Traceback" not in logs
+    assert "training on Ray" not in logs, "no worker may start"
 
 
 @pytest.mark.multinode
 def test_spread_puts_one_worker_on_each_node_and_trains_over_gloo(two_nodes, tmp_path):
+    # The two "nodes" share this machine's disk, so a local run directory is shared: say so.
     _submit_and_wait(two_nodes, "jobs/circles.yaml", "--set", "schedule.epochs=4",
                      "--set", "scaling.placement=STRICT_SPREAD", "--set", "telemetry.enabled=false",
-                     "--storage", str(tmp_path))
+                     "--set", "storage.shared=true", "--storage", str(tmp_path))
     summary = json.loads((tmp_path / "circles" / "summary.json").read_text())
     ranks = {r["rank"]: r for r in summary["ranks"]}
     assert len(ranks) == 2 and ranks[0]["node"] != ranks[1]["node"], summary["ranks"]
@@ -136,11 +155,11 @@ def test_losing_a_worker_node_continues_elastically_on_what_is_left(two_nodes, t
     t = threading.Thread(target=lose_node_after_first_checkpoint, daemon=True)
     t.start()
     logs = _submit_and_wait(
-        two_nodes, "jobs/circles.yaml", "--set", "schedule.epochs=3", "--set", "scaling.num_workers=[1, 2]",
-        "--set", "scaling.placement=SPREAD", "--set", "scaling.resources_per_worker={CPU: 2}",
-        "--set", "checkpoint.every_steps=5",
-        "--set", "failure.max_failures=3", "--set", "telemetry.enabled=false", "--storage", str(tmp_path),
-        env={"GRADYARD_FAULTS": json.dumps({"sleep_per_step": 0.2})}, timeout=500)
+        two_nodes, "--on-cluster", "--slow", "0.2", "jobs/circles.yaml", "--set", "schedule.epochs=3",
+        "--set", "scaling.num_workers=[1, 2]", "--set", "scaling.placement=SPREAD",
+        "--set", "scaling.resources_per_worker={CPU: 2}", "--set", "checkpoint.every_steps=5",
+        "--set", "failure.max_failures=3", "--set", "telemetry.enabled=false", "--set", "storage.shared=true",
+        "--storage", str(tmp_path), entrypoint="python testkit/launch_faults.py", timeout=500)
     t.join(5)
     summary = json.loads((tmp_path / "circles" / "summary.json").read_text())
     assert summary["restarts"] >= 1, logs[-3000:]

@@ -1,11 +1,8 @@
-"""Telemetry: the pieces, a real 2-worker gloo run scraped by a real Prometheus, and the CUDA path.
+"""Telemetry: the pieces, the real Trainer with its telemetry on, a real 2-worker gloo run scraped by a
+real Prometheus, and the CUDA path.
 
-The integration test's worker (:func:`_worker`) is a tiny hand-written
-training loop that fires the trainer's events in the documented order through
-the telemetry callbacks, on a real DDP model - the path a torchrun worker
-takes.  It also runs under torchrun by itself::
-
-    torchrun --nproc-per-node 2 tests/test_telemetry.py
+Every run here is gradyard's own Trainer (with its checkpoint manager) on a tiny MLP job; tests add
+callbacks of their own (slow data, a gate at the end) the way any callback attaches.
 """
 
 from __future__ import annotations
@@ -16,13 +13,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
@@ -31,10 +26,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 import yaml
-from gradyard.events import Event
-from gradyard.job import JobSpec
+from gradyard.checkpoint import CheckpointManager, RunRecord
+from gradyard.events import Callback, Event
+from gradyard.job import JobSpec, parse_job
+from gradyard.storage import open_storage
 from gradyard.telemetry import (
     FlopsMonitor,
     GradSyncMonitor,
@@ -53,7 +49,8 @@ from gradyard.telemetry.comm import (
 )
 from gradyard.telemetry.flops import PEAK_FLOPS, matmul_precision
 from gradyard.telemetry.nvml import NvmlReader
-from torch import nn
+from gradyard.trainer import DistInfo, Trainer
+from testkit import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/gpu-efficiency.json"
@@ -64,119 +61,73 @@ CI = os.environ.get("CI", "").lower() == "true"
 # ------------------------------------------------------------------ helpers
 
 
-def make_spec(name: str = "telemetry-test", every: int = 5, precision: str = "fp32") -> JobSpec:
-    return JobSpec.model_validate({
+def make_spec(name: str = "telemetry-test", every: int = 5, steps: int = 10, precision: str = "fp32",
+              world: int = 1, checkpoint_every: int = 3) -> JobSpec:
+    return parse_job({
         "name": name,
-        "model": {"arch": "mlp"},
-        "data": {"source": "synthetic", "batch_size": 16},
-        "schedule": {"steps": 10, "precision": precision},
+        "model": {"arch": "mlp", "params": {"hidden": [64, 64]}},
+        "data": {"source": "synthetic", "batch_size": 16, "num_samples": 8192},
+        "schedule": {"steps": steps, "precision": precision},
+        "scaling": {"num_workers": world},
+        "checkpoint": {"every_steps": checkpoint_every, "at_epoch_end": False},
         "telemetry": {"measure_flops_every": every},
     })
 
 
-class TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+class SlowData(Callback):
+    """The data loader's wait: sleeps inside the data phase (after the step timer's BEFORE_DATA mark)."""
 
-    def forward(self, x):
-        return self.net(x)
+    name = "slow_data"
+    events = frozenset((Event.BEFORE_DATA,))
 
+    def __init__(self, seconds: float):
+        self.seconds = seconds
 
-@dataclass
-class State:
-    """The TrainState attributes telemetry reads."""
-
-    spec: Any
-    model: nn.Module
-    ddp_model: nn.Module
-    optimizer: Any
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    node: str = "localhost"
-    run_id: str = "run1"
-    restarts: int = 0
-    epoch: int = 0
-    step: int = 0
-    batch_in_epoch: int = 0
-    inputs: Any = None
-    targets: Any = None
-    batch_size: int = 0
-    loss: Any = None
-    metrics: dict = field(default_factory=dict)
-    checkpoint_stats: dict = field(default_factory=lambda: {
-        "last_blocked_seconds": 0.0, "failures_total": 0, "saved_total": 0})
-    extra_labels: dict = field(default_factory=dict)
+    def on_event(self, event, state):
+        time.sleep(self.seconds)
 
 
-def make_state(spec, device, rank=0, world_size=1, ddp=False) -> State:
-    torch.manual_seed(0)
-    model = TinyNet().to(device)
-    ddp_model = nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None,
-        bucket_cap_mb=0.01) if ddp else model  # small buckets: several per step
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    return State(spec=spec, model=model, ddp_model=ddp_model, optimizer=opt, device=device,
-                 rank=rank, world_size=world_size, local_rank=rank, node=socket.gethostname())
+class Watch(Callback):
+    """Calls ``fn(state)`` after every step."""
+
+    name = "watch"
+    events = frozenset((Event.BATCH_END,))
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_event(self, event, state):
+        self.fn(state)
 
 
-def _agreed(flag: bool) -> bool:
-    """True on every rank once it is true on any: ranks that saw a stop at different steps
-    would leave one of them waiting in an allreduce the other never joins."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+class AtTheEnd(Callback):
+    """At FIT_END (the exporter still serves): report, then wait to be released before closing."""
+
+    name = "at_the_end"
+    events = frozenset((Event.FIT_END,))
+
+    def __init__(self, report, release):
+        self.report, self.release = report, release
+
+    def on_event(self, event, state):
+        self.report(state)
+        self.release.wait(120)
 
 
-def train(state: State, callbacks, steps: int, stop=None, data_sleep: float = 0.002,
-          checkpoint_at: Optional[int] = None, on_step=None) -> None:
-    """A training loop that fires the events in the order of gradyard.events."""
-
-    def fire(event):
-        for cb in callbacks:
-            cb.on_event(event, state)
-
-    gen = torch.Generator().manual_seed(state.rank)
-    fire(Event.FIT_START)
-    fire(Event.EPOCH_START)
-    for i in range(steps):
-        if stop is not None and _agreed(stop.is_set()):
-            break
-        state.batch_in_epoch = i
-        fire(Event.BEFORE_DATA)
-        time.sleep(data_sleep)  # the data loader's wait
-        x = torch.randn(16, 32, generator=gen).to(state.device)
-        y = torch.randint(0, 4, (16,), generator=gen).to(state.device)
-        state.inputs, state.targets, state.batch_size = x, y, x.shape[0]
-        fire(Event.AFTER_DATA)
-        fire(Event.BEFORE_FORWARD)
-        state.loss = F.cross_entropy(state.ddp_model(x), y)
-        fire(Event.AFTER_FORWARD)
-        fire(Event.BEFORE_BACKWARD)
-        state.loss.backward()
-        fire(Event.AFTER_BACKWARD)
-        fire(Event.BEFORE_OPTIMIZER)
-        state.optimizer.step()
-        state.optimizer.zero_grad(set_to_none=True)
-        fire(Event.AFTER_OPTIMIZER)
-        state.step += 1
-        fire(Event.BATCH_END)
-        if checkpoint_at is not None and state.step == checkpoint_at:
-            t0 = time.perf_counter()
-            time.sleep(0.02)  # a blocking save
-            stats = state.checkpoint_stats
-            stats["last_blocked_seconds"] = time.perf_counter() - t0
-            stats["saved_total"] += 1
-            fire(Event.CHECKPOINT_SAVED)
-        if on_step is not None:
-            on_step(state)
-    fire(Event.EPOCH_END)
-    fire(Event.EVAL_END)
-    fire(Event.FIT_END)
+def fit(spec: JobSpec, callbacks: list, root: Path, *, rank: int = 0, world: int = 1,
+        device: Optional[torch.device] = None, node: str = "localhost", wrap_ddp: bool = False) -> Trainer:
+    """The real Trainer with the real checkpoint manager on local storage under ``root``."""
+    storage = open_storage(str(root / "run"))
+    manager = CheckpointManager(spec, storage, rank=rank, world_size=world,
+                                record=RunRecord(run_id="run1", starts=1, new=False))
+    trainer = Trainer(spec, storage, DistInfo(rank=rank, world_size=world, local_rank=rank, node=node),
+                      "run1", callbacks, device=device, checkpointer=manager)
+    if wrap_ddp:  # DDP on a one-rank group, so the comm hook runs (the trainer wraps only for 2+ ranks)
+        s = trainer.state
+        s.ddp_model = torch.nn.parallel.DistributedDataParallel(
+            s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None, bucket_cap_mb=0.01)
+    trainer.fit()
+    return trainer
 
 
 def sample(metrics: TelemetryMetrics, name: str, **labels) -> Optional[float]:
@@ -186,17 +137,6 @@ def sample(metrics: TelemetryMetrics, name: str, **labels) -> Optional[float]:
 def phase_sum(metrics: TelemetryMetrics) -> float:
     return sum(sample(metrics, "gradyard_step_phase_seconds_total", phase=p) or 0.0
                for p in ("data", "forward", "backward", "optimizer", "comm_exposed"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def close_all(callbacks) -> None:
-    for cb in callbacks:
-        cb.close()
 
 
 # ------------------------------------------------------------------ units
@@ -240,66 +180,64 @@ def test_peak_flops_table_and_profile(monkeypatch):
         assert row["fp32"] > 0 and all(v >= row["fp32"] for v in row.values()), name
 
 
-def test_flop_count_matches_formula():
-    spec = make_spec(every=3)
-    state = make_state(spec, torch.device("cpu"))
+def test_flop_count_matches_formula(tmp_path):
+    spec = make_spec(every=3, steps=7)
     metrics = TelemetryMetrics()
     flops = FlopsMonitor(metrics, every=3)
     measured = []
-    train(state, [flops], steps=7, on_step=lambda s: measured.append(flops.measured_this_step))
+    trainer = fit(spec, [flops, Watch(lambda s: measured.append(flops.measured_this_step))], tmp_path)
     assert measured == [True, False, False, True, False, False, True]
     # Linear layers: forward 2*B*in*out; backward 2x that, less the first layer's input grad.
-    b, dims = 16, [(32, 64), (64, 64), (64, 4)]
+    dims = [(m.in_features, m.out_features) for m in trainer.state.model.modules()
+            if isinstance(m, torch.nn.Linear)]
+    b = 16
     fwd = sum(2 * b * i * o for i, o in dims)
-    bwd = 2 * fwd - 2 * b * 32 * 64
+    bwd = 2 * fwd - 2 * b * dims[0][0] * dims[0][1]
     assert flops.step_flops == fwd + bwd
     assert sample(metrics, "gradyard_step_flops") == fwd + bwd
-    flops.close()
 
 
 def test_single_worker_cpu(tmp_path):
     spec = make_spec(every=4)
-    state = make_state(spec, torch.device("cpu"))
-    callbacks = build_telemetry_callbacks(spec, sd_directory=tmp_path, host="127.0.0.1")
-    try:
-        train(state, callbacks, steps=10, data_sleep=0.005, checkpoint_at=3)
-        m = find_metrics(callbacks)
-        assert sample(m, "gradyard_steps_total") == 10
-        assert sample(m, "gradyard_samples_total") == 160
-        assert sample(m, "gradyard_timed_steps_total") == 7  # steps 0, 4, 8 counted FLOPs
-        step_s = sample(m, "gradyard_step_seconds_total")
-        assert step_s > 0 and abs(phase_sum(m) - step_s) <= 0.1 * step_s
-        assert sample(m, "gradyard_step_phase_seconds_total", phase="data") >= 7 * 0.005
-        assert sample(m, "gradyard_step_phase_seconds_total", phase="comm_exposed") == 0.0
-        assert sample(m, "gradyard_allreduce_bytes_total") is None  # one worker: no sync
-        assert sample(m, "gradyard_step_flops") > 0
-        assert sample(m, "gradyard_achieved_flops_per_second") > 0
-        assert sample(m, "gradyard_mfu_ratio") is None  # CPU, no calibration: absent
-        assert sample(m, "gradyard_peak_flops_per_second") is None
-        assert math.isfinite(sample(m, "gradyard_loss"))
-        assert sample(m, "gradyard_checkpoints_total") == 1
-        assert sample(m, "gradyard_checkpoint_blocked_seconds_count") == 1
-        assert sample(m, "gradyard_checkpoint_last_blocked_seconds") >= 0.02
-        assert sample(m, "gradyard_process_resident_memory_bytes") > 10e6
-        text = [mf.name for mf in m.registry.collect()]
-        assert not any(n.startswith("gradyard_gpu_") for n in text)  # absent, not zero
-    finally:
-        close_all(callbacks)
+    callbacks = build_telemetry_callbacks(spec, sd_directory=tmp_path / "sd", host="127.0.0.1")
+    m = find_metrics(callbacks)
+    scraped = {}  # what a scrape sees at the end of training (scrape-time readings leave at close)
+    released = SimpleNamespace(wait=lambda timeout: None)
+    end = AtTheEnd(lambda s: scraped.update(
+        rss=sample(m, "gradyard_process_resident_memory_bytes"),
+        names=[mf.name for mf in m.registry.collect()]), released)
+    trainer = fit(spec, [*callbacks, SlowData(0.005), end], tmp_path)
+    assert sample(m, "gradyard_steps_total") == 10
+    assert sample(m, "gradyard_samples_total") == 160
+    assert sample(m, "gradyard_timed_steps_total") == 7  # steps 0, 4, 8 counted FLOPs
+    step_s = sample(m, "gradyard_step_seconds_total")
+    assert step_s > 0 and abs(phase_sum(m) - step_s) <= 0.1 * step_s
+    assert sample(m, "gradyard_step_phase_seconds_total", phase="data") >= 7 * 0.005
+    assert sample(m, "gradyard_step_phase_seconds_total", phase="comm_exposed") == 0.0
+    assert sample(m, "gradyard_allreduce_bytes_total") is None  # one worker: no sync
+    assert sample(m, "gradyard_step_flops") > 0
+    assert sample(m, "gradyard_achieved_flops_per_second") > 0
+    assert sample(m, "gradyard_mfu_ratio") is None  # CPU, no calibration: absent
+    assert sample(m, "gradyard_peak_flops_per_second") is None
+    assert math.isfinite(sample(m, "gradyard_loss"))
+    saved = trainer.checkpointer.stats.saved_total
+    assert saved == 4  # steps 3, 6, 9 and the final 10
+    assert sample(m, "gradyard_checkpoints_total") == saved
+    assert sample(m, "gradyard_checkpoint_blocked_seconds_count") == saved
+    assert sample(m, "gradyard_checkpoint_last_blocked_seconds") > 0
+    assert scraped["rss"] > 10e6
+    assert not any(n.startswith("gradyard_gpu_") for n in scraped["names"])  # absent, not zero
 
 
 def test_mfu_with_calibrated_profile(tmp_path):
-    spec = make_spec(every=100)
-    state = make_state(spec, torch.device("cpu"))
-    callbacks = build_telemetry_callbacks(spec, peak_profile={"fp32": 1e12}, sd_directory=tmp_path,
+    spec = make_spec(every=100, steps=4)
+    callbacks = build_telemetry_callbacks(spec, peak_profile={"fp32": 1e12}, sd_directory=tmp_path / "sd",
                                           host="127.0.0.1")
-    try:
-        train(state, callbacks, steps=4)
-        m = find_metrics(callbacks)
-        achieved = sample(m, "gradyard_achieved_flops_per_second")
-        assert sample(m, "gradyard_mfu_ratio") == pytest.approx(achieved / 1e12)
-        assert sample(m, "gradyard_peak_flops_per_second") == 1e12
-    finally:
-        close_all(callbacks)
+    fit(spec, callbacks, tmp_path)
+    m = find_metrics(callbacks)
+    achieved = sample(m, "gradyard_achieved_flops_per_second")
+    assert sample(m, "gradyard_mfu_ratio") == pytest.approx(achieved / 1e12)
+    assert sample(m, "gradyard_peak_flops_per_second") == 1e12
 
 
 def test_set_regime_keeps_one_series():
@@ -312,6 +250,21 @@ def test_set_regime_keeps_one_series():
     assert sample(m, "gradyard_regime_evidence", regime="compute_bound", key="mfu") == 0.5
     assert sample(m, "gradyard_regime_evidence", regime="data_bound", key="data_wait_share") is None
     assert m.current_regime == "compute_bound"
+
+
+def test_exporter_refuses_a_discovery_directory_others_can_write(tmp_path):
+    """Another local user must not be able to add, replace or remove Prometheus targets."""
+    from gradyard.telemetry.exporter import DiscoveryDirError, private_dir
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(DiscoveryDirError, match="writable by other users"):
+        private_dir(shared / "sd")
+    assert oct(private_dir(tmp_path / "mine" / "sd").stat().st_mode & 0o777) == "0o755"
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    with pytest.raises(DiscoveryDirError, match="symbolic link"):
+        private_dir(tmp_path / "link" / "sd")
 
 
 def test_exporter_serves_and_cleans_up(tmp_path):
@@ -390,30 +343,32 @@ def test_dashboard_shape():
 PEAK_PROFILE = {"fp32": 5e10}  # a "calibration" so MFU exists on CPU
 
 
-def _worker(rank: int, world_size: int, rdzv: str, sd_dir: str, stop, trained, release, results) -> None:
-    """One DDP worker: train until told to stop, report, then wait to be released before closing."""
+STEPS = 400
+
+
+def _worker(rank: int, world_size: int, rdzv: str, sd_dir: str, run_dir: str, trained, release, results) -> None:
+    """One DDP worker of the real Trainer: STEPS steps with slow data, then held at FIT_END until released."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=world_size)
-    spec = make_spec(name="telemetry-it", every=5)
-    state = make_state(spec, torch.device("cpu"), rank=rank, world_size=world_size, ddp=True)
-    state.node = f"node-{rank}"
+    spec = make_spec(name="telemetry-it", every=5, steps=STEPS, world=world_size, checkpoint_every=100)
     callbacks = build_telemetry_callbacks(spec, peak_profile=PEAK_PROFILE, sd_directory=Path(sd_dir),
                                           host="127.0.0.1")
     metrics = find_metrics(callbacks)
 
-    def on_step(s):
+    def regime(s):
         if s.step == 3:
             metrics.set_regime("data_bound", {"data_wait_share": 0.5})
 
-    try:
-        train(state, callbacks, steps=100_000, stop=stop, data_sleep=0.01, checkpoint_at=2, on_step=on_step)
-        results.put({"rank": rank, "steps": state.step, "grad_bytes": gradient_bytes(state.model),
-                     "targets": callbacks[0].targets, "sd_path": str(callbacks[0].sd_path)})
+    def report(s):
+        results.put({"rank": rank, "steps": s.step, "grad_bytes": gradient_bytes(s.model),
+                     "targets": callbacks[0].targets})
         trained[rank].set()
-        release.wait(120)
+
+    try:
+        fit(spec, [*callbacks, SlowData(0.01), Watch(regime), AtTheEnd(report, release)], Path(run_dir),
+            rank=rank, world=world_size, node=f"node-{rank}")
     finally:
-        close_all(callbacks)
         dist.destroy_process_group()
 
 
@@ -515,11 +470,11 @@ def test_two_gloo_workers_scraped_by_prometheus():
     sd_dir = workdir / "sd"
     prom = Prometheus(binary, workdir, sd_dir)
     ctx = mp.get_context("spawn")
-    stop, release = ctx.Event(), ctx.Event()
+    release = ctx.Event()
     trained = [ctx.Event(), ctx.Event()]
     results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, f"file://{workdir / 'rdzv'}", str(sd_dir), stop, trained,
-                                                release, results)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, f"file://{workdir / 'rdzv'}", str(sd_dir), str(workdir),
+                                                trained, release, results)) for r in range(2)]
     try:
         for p in procs:
             p.start()
@@ -544,7 +499,6 @@ def test_two_gloo_workers_scraped_by_prometheus():
 
         # Training goes on while Prometheus scrapes, so rates see real progress.
         wait_until(all_panels_have_data, deadline, "every panel has data", poll=1.0, procs=procs)
-        stop.set()
         for ev in trained:
             assert ev.wait(max(1.0, deadline - time.monotonic())), "worker did not finish"
         final = {r["rank"]: r for r in (results.get(timeout=10) for _ in range(2))}
@@ -600,7 +554,6 @@ def test_two_gloo_workers_scraped_by_prometheus():
         print("prometheus log (tail):\n" + (log.read_text()[-4000:] if log.exists() else "(none)"))
         raise
     finally:
-        stop.set()
         release.set()
         for p in procs:
             if p.is_alive():
@@ -623,66 +576,32 @@ def test_cuda_events_nccl_hook_and_nvml(tmp_path):
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
     try:
-        spec = make_spec(every=4)
-        state = make_state(spec, device, ddp=True)
-        callbacks = build_telemetry_callbacks(spec, sd_directory=tmp_path, host="127.0.0.1")
+        spec = make_spec(every=4, steps=20)
+        callbacks = build_telemetry_callbacks(spec, sd_directory=tmp_path / "sd", host="127.0.0.1")
         timer = next(cb for cb in callbacks if isinstance(cb, StepTimer))
         comm = next(cb for cb in callbacks if isinstance(cb, GradSyncMonitor))
         lags = []
-        try:
-            train(state, callbacks, steps=20, data_sleep=0.002,
-                  on_step=lambda s: lags.append(len(timer._pending)))
-            m = find_metrics(callbacks)
-            assert comm.active and max(lags) <= timer.max_lag  # resolved lazily, never piling up
-            assert sample(m, "gradyard_timed_steps_total") == 15
-            step_s = sample(m, "gradyard_step_seconds_total")
-            assert step_s > 0 and abs(phase_sum(m) - step_s) <= 0.1 * step_s
-            assert sample(m, "gradyard_allreduce_step_bytes") == gradient_bytes(state.model)
-            assert sample(m, "gradyard_allreduce_seconds_total") > 0
-            assert sample(m, "gradyard_gpu_memory_allocated_bytes") > 0
-            assert sample(m, "gradyard_gpu_memory_peak_allocated_bytes") >= sample(
-                m, "gradyard_gpu_memory_allocated_bytes")
-            assert sample(m, "gradyard_gpu_memory_used_bytes") > 0  # NVML
-            assert sample(m, "gradyard_gpu_sm_clock_hertz") > 1e8
-            util = sample(m, "gradyard_gpu_utilization_ratio")
-            assert util is None or 0.0 <= util <= 1.0  # absent on MIG slices
-            if torch.cuda.get_device_name(device) in PEAK_FLOPS:
-                assert 0 < sample(m, "gradyard_mfu_ratio") < 1
-            assert math.isfinite(sample(m, "gradyard_loss"))
-        finally:
-            close_all(callbacks)
-    finally:
-        dist.destroy_process_group()
-
-
-# ------------------------------------------------------------------ torchrun entry
-
-
-def _torchrun_main() -> None:
-    """`torchrun --nproc-per-node 2 tests/test_telemetry.py`: the same worker loop under the real launcher."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    spec = make_spec(name="telemetry-torchrun", every=10)
-    state = make_state(spec, device, rank=rank, world_size=world, ddp=world > 1)
-    state.local_rank = local
-    callbacks = build_telemetry_callbacks(spec)
-    try:
-        train(state, callbacks, steps=int(os.environ.get("STEPS", "200")), data_sleep=0.005)
+        trainer = fit(spec, [*callbacks, SlowData(0.002), Watch(lambda s: lags.append(len(timer._pending)))],
+                      tmp_path, device=device, wrap_ddp=True)
         m = find_metrics(callbacks)
-        print(f"rank {rank}: metrics at http://{callbacks[0].host}:{callbacks[0].port}/metrics, "
-              f"step {m.registry.get_sample_value('gradyard_step_seconds_total', m.identity):.3f} s total")
+        assert comm.active and max(lags) <= timer.max_lag  # resolved lazily, never piling up
+        assert sample(m, "gradyard_timed_steps_total") == 15
+        step_s = sample(m, "gradyard_step_seconds_total")
+        assert step_s > 0 and abs(phase_sum(m) - step_s) <= 0.1 * step_s
+        assert sample(m, "gradyard_allreduce_step_bytes") == gradient_bytes(trainer.state.model)
+        assert sample(m, "gradyard_allreduce_seconds_total") > 0
+        assert sample(m, "gradyard_gpu_memory_allocated_bytes") > 0
+        assert sample(m, "gradyard_gpu_memory_peak_allocated_bytes") >= sample(
+            m, "gradyard_gpu_memory_allocated_bytes")
+        assert sample(m, "gradyard_gpu_memory_used_bytes") > 0  # NVML
+        assert sample(m, "gradyard_gpu_sm_clock_hertz") > 1e8
+        if not torch.cuda.get_device_properties(device).is_integrated and "MIG" not in torch.cuda.get_device_name():
+            assert 0.0 <= sample(m, "gradyard_gpu_utilization_ratio") <= 1.0  # absent only on MIG slices
+        if torch.cuda.get_device_name(device) in PEAK_FLOPS:
+            assert 0 < sample(m, "gradyard_mfu_ratio") < 1
+        assert math.isfinite(sample(m, "gradyard_loss"))
     finally:
-        close_all(callbacks)
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    _torchrun_main()
 
 
 def test_trainer_calls_a_callback_only_for_the_events_it_declares(tmp_path):

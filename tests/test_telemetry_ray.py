@@ -12,6 +12,7 @@ import pytest
 from conftest import JOBS, wait_until
 from gradyard.job import load_job
 from gradyard.runner import run_job
+from testkit.faults import SlowSteps
 from test_telemetry import Prometheus, gpu_only, panel_queries, prometheus_binary
 
 pytestmark = [pytest.mark.ray, pytest.mark.prometheus]
@@ -35,7 +36,7 @@ def test_ray_job_metrics_answer_every_dashboard_panel(ray_cluster, tmp_path):
     def train():
         try:
             result["summary"] = run_job(spec, storage_url=str(tmp_path / "runs"),
-                                        faults={"sleep_per_step": 0.1})
+                                        callbacks=[SlowSteps(0.1)])
         except BaseException as exc:  # noqa: BLE001 - reported by the test below
             result["error"] = exc
 

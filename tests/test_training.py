@@ -18,8 +18,8 @@ import torch
 from conftest import JOBS
 from gradyard import hostmem
 from gradyard.job import load_job
-from gradyard.testing.bundle import run_each
-from gradyard.testing.datafiles import make_aclimdb, make_imagefolder, make_mammographic, make_mnist
+from testkit.bundle import run_each
+from testkit.datafiles import make_aclimdb, make_imagefolder, make_mammographic, make_mnist
 
 pytestmark = pytest.mark.ray
 
@@ -60,7 +60,8 @@ def summaries(ray_cluster, tmp_path_factory) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from gradyard.runner import prepare_run, preflight_data
+    from gradyard.runner import preflight_data
+    from gradyard.worker import run_directory
 
     data = tmp_path_factory.mktemp("datasets")
     _write_datasets(data)
@@ -76,7 +77,7 @@ def summaries(ray_cluster, tmp_path_factory) -> dict:
     for key, job, overrides in runs:
         spec = load_job(JOBS / f"{job}.yaml", overrides)
         preflight_data(spec)
-        run = prepare_run(spec, str(runs_dir / key))
+        run = run_directory(spec, str(runs_dir / key))
         where[key] = run
         configs.append({"spec": spec.model_dump(mode="json"), "storage": run.spec(), "launcher": "ray"})
     TorchTrainer(run_each, train_loop_config={"runs": configs},

@@ -6,7 +6,7 @@ Run under torchrun (2 workers, gloo)::
         --storage DIR --block 25 --out result.json --set schedule.steps=2000 ...
 
 Each worker builds the same job twice with gradyard's own worker code
-(``gradyard.train.build_callbacks`` and ``Trainer``): once with
+(``gradyard.worker.build_callbacks``, ``Trainer`` and its ``CheckpointManager``): once with
 ``telemetry.enabled=true`` and once with ``false``, each with its own model,
 DDP wrapper and run directory.  Each trainer's ``fit()`` runs in its own
 thread, and a baton hands the workers' one CPU back and forth every
@@ -42,8 +42,9 @@ import torch.distributed as dist
 from gradyard.events import Callback, Event
 from gradyard.hostmem import tune_host_allocator
 from gradyard.job import load_job
-from gradyard.runner import prepare_run
-from gradyard.train import _dist_info, build_callbacks, shutdown_process_group
+from gradyard.checkpoint import CheckpointManager, record_start
+from gradyard.train import shutdown_process_group
+from gradyard.worker import build_callbacks, dist_info, run_directory
 from gradyard.trainer import Trainer
 
 ARMS = ("on", "off")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_host_allocator()  # as gradyard's worker does first (run_worker)
     dist.init_process_group("gloo")
-    info = _dist_info("torchrun")
+    info = dist_info("torchrun")
     baton = Baton(args.first)
     trainers, threads = {}, []
     for arm in ARMS:  # built in the same order on every rank: DDP's constructor is a collective
@@ -137,12 +138,16 @@ def main(argv: list[str] | None = None) -> int:
                                    f"name=bench-telemetry-{arm}"])
         if spec.schedule.steps is None or spec.schedule.steps % args.block:
             raise SystemExit("--set schedule.steps=N with N a multiple of --block")
-        storage = prepare_run(spec, os.path.join(args.storage, arm), fresh=True, check=info.rank == 0)
+        storage = run_directory(spec, os.path.join(args.storage, arm), check=info.rank == 0)
         callbacks = build_callbacks(spec, storage, info, "torchrun")
         if arm == "on" and args.drop:
             callbacks = [cb for cb in callbacks if type(cb).__name__ not in args.drop.split(",")]
         callbacks.append(Turns(baton, arm, args.block, args.warmup, spec.schedule.steps))
-        trainers[arm] = Trainer(spec, storage, info, f"ab-{arm}", callbacks)
+        record = record_start(storage) if info.rank == 0 else None
+        box = [record]
+        dist.broadcast_object_list(box, src=0)
+        manager = CheckpointManager(spec, storage, rank=info.rank, world_size=info.world_size, record=box[0])
+        trainers[arm] = Trainer(spec, storage, info, f"ab-{arm}", callbacks, checkpointer=manager)
 
     def run(arm: str) -> None:
         try:

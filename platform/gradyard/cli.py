@@ -1,4 +1,8 @@
-"""The `gradyard` command.  Errors are one clear message and a non-zero exit, never a traceback."""
+"""The `gradyard` command.  Errors are one clear message and a non-zero exit, never a traceback.
+
+Exit status: 0 ok; 1 the job or training failed; 2 bad usage, a bad job file, or missing or unusable
+input (a dataset, storage, a run directory in use by another driver).
+"""
 
 from __future__ import annotations
 
@@ -29,16 +33,19 @@ def _jobs_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "jobs"
 
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
 def cmd_validate(args) -> int:
     bad = 0
     for f in args.files:
         try:
             spec = load_job(f, args.overrides)
-            print(f"{f}: ok ({spec.name}: {spec.model.arch} on {spec.data.source})")
+            print(f"{f}: ok ({spec.name}: {spec.model.arch} on {redact(spec.data.source)})")
         except JobError as exc:
-            print(str(exc), file=sys.stderr)
+            print(redact(str(exc)), file=sys.stderr)
             bad += 1
-    return 1 if bad else 0
+    return EXIT_USAGE if bad else EXIT_OK
 
 
 def cmd_jobs(args) -> int:
@@ -82,13 +89,23 @@ def cmd_jobs(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
+def cmd_run(args, on_cluster: bool = False) -> int:
     from gradyard.runner import run_job
 
     spec = load_job(args.file, args.overrides)
-    summary = run_job(spec, address=args.address, storage_url=args.storage, fresh=args.fresh)
+    summary = run_job(spec, address=getattr(args, "address", None), storage_url=args.storage,
+                      fresh=args.fresh, on_cluster=on_cluster)
     print_summary(summary)
-    return 0
+    return EXIT_OK
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments `gradyard run` and `python -m gradyard.launch` share."""
+    p.add_argument("file", help="job definition (YAML), e.g. jobs/mnist-lenet.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job key, e.g. --set schedule.epochs=3")
+    p.add_argument("--storage", help="put the run directory at URL/<job name>, e.g. s3://bucket/runs")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
 
 
 def print_summary(summary: dict) -> None:
@@ -107,51 +124,79 @@ def print_summary(summary: dict) -> None:
         print(f"[{summary['job']}] checkpoints: {run_url}/checkpoints  summary: {run_url}/summary.json")
 
 
-def cmd_checkpoints(args) -> int:
-    from gradyard.checkpoint import list_checkpoints
+def _run_dir(args):
+    """The run directory a read command names; an error (exit 2) when there is nothing there."""
     from gradyard.storage import open_storage
 
     run = open_storage(args.run_url, args.endpoint_url)
+    if not run.exists(run.root_path):
+        raise CLIError(f"{run.shown}: no such run directory")
+    return run
+
+
+def _lineage(run) -> str | None:
+    from gradyard.checkpoint import read_record
+
+    rec = read_record(run)
+    return None if rec.new else rec.run_id
+
+
+def cmd_checkpoints(args) -> int:
+    from gradyard.checkpoint import list_checkpoints
+
+    run = _run_dir(args)
     infos = list_checkpoints(run, deep=not args.quick)
+    run_id = _lineage(run)
     if args.json:
-        print(json.dumps([i.to_json() for i in infos], indent=2))
-        return 0
+        print(json.dumps([dict(i.to_json(), lineage=i.lineage(run_id)) for i in infos], indent=2))
+        return EXIT_OK
     if not infos:
-        print(f"no checkpoints under {redact(run.url)}/checkpoints")
-        return 0
+        print(f"no checkpoints under {run.shown}/checkpoints")
+        return EXIT_OK
     import datetime as dt
 
-    print(f"{'STEP':>9}  {'EPOCH':>5}  {'TIME':19}  {'SIZE':>10}  STATUS")
+    print(f"{'STEP':>9}  {'EPOCH':>5}  {'TIME':19}  {'SIZE':>10}  {'LINEAGE':8}  STATUS")
     for i in infos:
         when = dt.datetime.fromtimestamp(i.time).strftime("%Y-%m-%d %H:%M:%S") if i.time else "-"
         size = f"{i.size_bytes / 1e6:.2f} MB"
         status = i.status + (f" ({i.problem})" if i.problem else "")
         epoch = "-" if i.epoch is None else str(i.epoch)
-        print(f"{i.step:>9}  {epoch:>5}  {when:19}  {size:>10}  {status}")
-    return 0
+        lineage = i.lineage(run_id) if i.status == "complete" else "-"
+        print(f"{i.step:>9}  {epoch:>5}  {when:19}  {size:>10}  {lineage:8}  {status}  {i.name}")
+    return EXIT_OK
 
 
 def cmd_export(args) -> int:
     import torch
 
-    from gradyard.checkpoint import list_checkpoints, load_checkpoint
-    from gradyard.storage import open_storage
+    from gradyard.checkpoint import CorruptCheckpoint, list_checkpoints, load_blobs, read_verified
 
-    run = open_storage(args.run_url, args.endpoint_url)
-    infos = [i for i in list_checkpoints(run) if i.status == "complete"]
-    if args.step is not None:
-        infos = [i for i in infos if i.step == args.step]
-        if not infos:
-            raise CLIError(f"no complete checkpoint at step {args.step} under {redact(run.url)}")
-    if not infos:
-        raise CLIError(f"no complete checkpoint under {redact(run.url)}/checkpoints")
-    info = infos[-1]
-    state_dict = load_checkpoint(run, info, names=("model.pt",))["model.pt"]
+    run = _run_dir(args)
+    infos = list_checkpoints(run)
+    usable = [i for i in infos if i.status == "complete" and (args.step is None or i.step == args.step)]
+    chosen = None
+    for info in reversed(usable):  # newest first, verified as it is read
+        try:
+            blobs = read_verified(run, info, names=("model.pt",))
+            chosen = info
+            break
+        except CorruptCheckpoint as exc:
+            print(f"warning: skipping checkpoint {info.name}: corrupt ({exc})", file=sys.stderr)
+    if chosen is None:
+        where = f"at step {args.step} " if args.step is not None else ""
+        raise CLIError(f"no complete checkpoint {where}under {run.shown}/checkpoints")
+    newer = [i for i in infos if i.step > chosen.step or (i.step == chosen.step and i is not chosen
+                                                          and i.status != "complete")]
+    if args.step is None and newer:
+        print(f"warning: exporting step {chosen.step}, not the newest checkpoint directory: "
+              + ", ".join(f"{i.name} is {i.status}" + (f" ({i.problem})" if i.problem else "") for i in newer),
+              file=sys.stderr)
+    state_dict = load_blobs(blobs)["model.pt"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, out)
-    print(f"exported the model state_dict of step {info.step} to {out}")
-    return 0
+    print(f"exported the model state_dict of step {chosen.step} ({chosen.name}) to {out}")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,12 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     j.set_defaults(fn=cmd_jobs)
 
     r = sub.add_parser("run", help="train a job on Ray (an embedded cluster unless --address)")
-    r.add_argument("file")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a job key, e.g. --set schedule.epochs=3")
+    add_run_arguments(r)
     r.add_argument("--address", help="Ray cluster address (default: start an embedded cluster)")
-    r.add_argument("--storage", help="put the run directory at URL/<job name>")
-    r.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     r.set_defaults(fn=cmd_run)
 
     c = sub.add_parser("checkpoints", help="list a run's checkpoints and their status")
@@ -226,26 +267,31 @@ def cmd_analyze(args) -> int:
     return run_analyze(record, out_dir=args.out, json_out=args.json)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def dispatch(command) -> int:
+    """Run ``command()`` and map its errors to one redacted line and the exit-status scheme."""
     try:
-        return args.fn(args) or 0
+        return command() or EXIT_OK
     except (JobError, StorageError, CLIError, SubmitError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"error: {redact(exc)}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
         from gradyard.runner import RunError
 
         if isinstance(exc, RunError):
-            print(f"error: training failed: {exc}", file=sys.stderr)
-            return 1
+            print(f"error: training failed: {redact(exc)}", file=sys.stderr, flush=True)
+            return EXIT_FAILED
         if os.environ.get("GRADYARD_DEBUG"):
             raise
-        print(f"error: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
-        return 1
+        print(f"error: {type(exc).__name__}: {redact(exc)}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return dispatch(lambda: args.fn(args))
 
 
 if __name__ == "__main__":

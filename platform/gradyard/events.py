@@ -11,14 +11,24 @@ Where each event fires (see :mod:`gradyard.trainer`)::
             BEFORE_FORWARD;  loss = model(batch)      AFTER_FORWARD
             BEFORE_BACKWARD; loss.backward()          AFTER_BACKWARD   # DDP allreduce overlaps here
             BEFORE_OPTIMIZER; optimizer.step()        AFTER_OPTIMIZER
-            BATCH_END                        # state.step advanced; checkpoint may be taken
+            BATCH_END                        # state.step advanced
+            [CHECKPOINT]                     # a checkpoint of this step was taken (state in host memory)
+            [CHECKPOINT_SAVED]               # an earlier checkpoint became durable (or failed for good)
         EPOCH_END
         EVAL_END                             # test metrics in state.metrics
+        [CHECKPOINT] [CHECKPOINT_SAVED]      # the epoch's checkpoint, after its evaluation
+    [CHECKPOINT] [CHECKPOINT_SAVED]          # the final checkpoint, waited for until durable
     FIT_END
 
-Callbacks (telemetry, checkpointing, progress) implement ``on_event``; the
-trainer never names them.  A callback with ``state_dict`` / ``load_state_dict``
-is saved in checkpoints under its ``name`` so rolling windows survive a resume.
+The checkpoint events come from the trainer's checkpoint points, where the
+checkpoint manager (:mod:`gradyard.checkpoint`) decides whether to save; at
+both, ``state.checkpoint_result`` describes the save.
+
+Callbacks (telemetry, analysis, progress) implement ``on_event``; the trainer
+never names them.  A callback with ``state_dict`` / ``load_state_dict`` is
+saved in checkpoints under its ``name`` so rolling windows survive a resume.
+A callback that is not ``critical`` is best effort: its exceptions are
+logged and counted (``state.observer_errors``), never fatal.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ class Event(enum.Enum):
     BATCH_END = "batch_end"
     EPOCH_END = "epoch_end"
     EVAL_END = "eval_end"
+    CHECKPOINT = "checkpoint"
     CHECKPOINT_SAVED = "checkpoint_saved"
     FIT_END = "fit_end"
 
@@ -57,6 +68,9 @@ class Callback:
     """Listens to training events. Override ``on_event``; keep it cheap on the step events."""
 
     name: str = "callback"
+
+    critical: bool = True
+    """False for observers (telemetry, analysis, progress lines): their failures never stop training."""
 
     events: Optional[frozenset[Event]] = None
     """The events ``on_event`` acts on; the trainer calls it for those only.  None: every event.

@@ -12,35 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gradyard.job import JobError, load_job
-from gradyard.storage import StorageError
-
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gradyard.launch")
-    p.add_argument("job", help="job definition, relative to the job's working directory")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--storage", help="put the run directory at URL/<job name>")
-    p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
-    args = p.parse_args(argv)
-    try:
-        spec = load_job(args.job, args.overrides)
-    except JobError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    from gradyard.cli import print_summary
-    from gradyard.runner import RunError, run_job
+    from gradyard.cli import add_run_arguments, cmd_run, dispatch
 
-    try:
-        summary = run_job(spec, storage_url=args.storage, fresh=args.fresh, on_cluster=True)
-    except (JobError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except RunError as exc:
-        print(f"error: training failed: {exc}", file=sys.stderr, flush=True)
-        return 1
-    print_summary(summary)
-    return 0
+    p = argparse.ArgumentParser(prog="python -m gradyard.launch",
+                                description="Train a job on the Ray cluster this runs on (the entrypoint of "
+                                            "`ray job submit`); the same as `gradyard run` there.")
+    add_run_arguments(p)
+    args = p.parse_args(argv)
+    return dispatch(lambda: cmd_run(args, on_cluster=True))
 
 
 if __name__ == "__main__":

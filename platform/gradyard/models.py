@@ -1,15 +1,13 @@
-"""The catalogue of documented models a job may name in `model.arch`.
+"""The builders of the documented models (:mod:`gradyard.catalogue` describes them without torch).
 
-Each entry says what the model consumes (`input_kind`, `default_input_shape`),
-what it predicts (`task`, `default_num_classes`) and how to build it.  A
-builder takes the :class:`gradyard.data.DataInfo` of the data it will see plus
+A builder takes the :class:`gradyard.data.DataInfo` of the data it will see plus
 the job's `model.params`, and returns an ``nn.Module`` whose forward maps a
 batch ``(B, *info.input_shape)`` to logits ``(B, num_classes)``; binary and
 regression models return ``(B, 1)`` (raw logits: the trainer applies
 BCEWithLogits).
 
-Pretrained weights (`model.pretrained`) are read with fsspec from a local
-path, file:// or s3:// URL, never from the internet.  For
+Pretrained weights (`model.pretrained`) are read through the storage seam from
+a local path, file:// or s3:// URL, never from the internet.  For
 `efficientnet_b0_transfer` they are torchvision's ImageNet state_dict, loaded
 into the full network before its classifier is replaced.  For every other
 model they are a complete state_dict of that model (for instance the weights
@@ -21,14 +19,15 @@ from __future__ import annotations
 import inspect
 import io
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torchvision
 from torch import nn
 
+from gradyard.catalogue import CATALOGUE, ModelEntry, Preprocess, check_job, model_params  # noqa: F401
 from gradyard.job import JobError
+from gradyard.storage import StorageError, open_storage, redact
 
 if TYPE_CHECKING:
     from gradyard.data import DataInfo
@@ -37,48 +36,6 @@ if TYPE_CHECKING:
 
 class ModelError(JobError):
     """A model that cannot be built as the job asks; the message names the job key."""
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How images must be prepared for a model whose weights expect it."""
-
-    resize: int
-    """Shorter side after resizing, before the centre crop."""
-    crop: int
-    """Side of the square centre crop the model sees."""
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
-    """torchvision InterpolationMode value, e.g. `bicubic`."""
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    arch: str
-    builder: Callable[..., nn.Module]
-    summary: str
-    """One line for `gradyard jobs`."""
-    input_kind: str
-    """`tabular`, `image` or `text`."""
-    default_input_shape: tuple[int, ...]
-    """Per-sample shape the model was documented with (no batch dimension)."""
-    default_num_classes: int
-    """Outputs for the documented data set (1 for binary and regression)."""
-    task: str
-    """`binary`, `multiclass` or `regression`."""
-    accepts: tuple[str, ...] = ()
-    """Input kinds the model can take (models that flatten take tabular and image data)."""
-    preprocess: Optional[Preprocess] = None
-    """Image preparation the model's pretrained weights expect, if any."""
-    takes_pretrained_state: bool = False
-    """The builder loads `model.pretrained` itself (keyword `state_dict`)."""
-
-    def params(self) -> list[str]:
-        """Names a job may set in `model.params`, in the builder's order."""
-        sig = inspect.signature(self.builder)
-        return [n for n, p in sig.parameters.items()
-                if n not in ("info", "state_dict") and p.kind is not p.VAR_KEYWORD]
 
 
 # ---------------------------------------------------------------- helpers
@@ -262,100 +219,39 @@ def linear(info: "DataInfo") -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(_flat(info.input_shape), _out_features(info)))
 
 
-def _efficientnet_preprocess() -> Preprocess:
-    # The weights' own eval transform; building it reads no files.
-    t = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1.transforms()
-    return Preprocess(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]),
-                      mean=tuple(t.mean), std=tuple(t.std),
-                      interpolation=t.interpolation.value)
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "alexnet": alexnet, "efficientnet_b0_transfer": efficientnet_b0_transfer, "fashion_cnn": fashion_cnn,
+    "fashion_linear": fashion_linear, "fashion_nonlinear": fashion_nonlinear, "lenet5": lenet5,
+    "linear": linear, "lstm_sentiment": lstm_sentiment, "mlp": mlp, "tinyvgg": tinyvgg,
+}
+"""The builder of every catalogue entry (gradyard.catalogue describes them without torch)."""
 
 
-# ---------------------------------------------------------------- the catalogue
-
-_FLAT = ("tabular", "image")
-
-CATALOGUE: dict[str, ModelEntry] = {e.arch: e for e in [
-    ModelEntry("alexnet", alexnet, "AlexNet (torchvision), 3x224x224 images",
-               "image", (3, 224, 224), 1000, "multiclass", ("image",)),
-    ModelEntry("efficientnet_b0_transfer", efficientnet_b0_transfer,
-               "EfficientNet-B0, frozen features + new classifier (transfer learning)",
-               "image", (3, 224, 224), 3, "multiclass", ("image",),
-               preprocess=_efficientnet_preprocess(), takes_pretrained_state=True),
-    ModelEntry("fashion_cnn", fashion_cnn, "FashionMNISTModelV2: two TinyVGG conv blocks, 1x28x28",
-               "image", (1, 28, 28), 10, "multiclass", ("image",)),
-    ModelEntry("fashion_linear", fashion_linear, "FashionMNISTModelV0: two linear layers",
-               "image", (1, 28, 28), 10, "multiclass", _FLAT),
-    ModelEntry("fashion_nonlinear", fashion_nonlinear,
-               "FashionMNISTModelV1: linear layers with ReLU",
-               "image", (1, 28, 28), 10, "multiclass", _FLAT),
-    ModelEntry("lenet5", lenet5, "LeNet-5 convolutional network, 1x28x28 digits",
-               "image", (1, 28, 28), 10, "multiclass", ("image",)),
-    ModelEntry("linear", linear, "Single linear layer (DDP tutorial regression, 20 features)",
-               "tabular", (20,), 1, "regression", _FLAT),
-    ModelEntry("lstm_sentiment", lstm_sentiment, "Embedding + two LSTMs, IMDB review sentiment",
-               "text", (256,), 1, "binary", ("text",)),
-    ModelEntry("mlp", mlp, "Multilayer perceptron on flattened input (circles, blobs, MNIST...)",
-               "tabular", (2,), 1, "binary", _FLAT),
-    ModelEntry("tinyvgg", tinyvgg, "TinyVGG (CNN Explainer), 3x64x64 food images",
-               "image", (3, 64, 64), 3, "multiclass", ("image",)),
-]}
-
-_REGULARIZERS = ("dropout", "batch_norm")
+def builder_params(arch: str) -> list[str]:
+    """The ``model.params`` names a builder takes, from its signature (a test compares the catalogue)."""
+    sig = inspect.signature(BUILDERS[arch])
+    return [n for n, p in sig.parameters.items()
+            if n not in ("info", "state_dict") and p.kind is not p.VAR_KEYWORD]
 
 
 # ---------------------------------------------------------------- job checks and building
 
 
-def check_model_section(spec: "JobSpec") -> Optional[str]:
-    """One error line if the model section does not fit the catalogue, else None."""
-    entry = CATALOGUE.get(spec.model.arch)
-    if entry is None:
-        return (f"model.arch: unknown model {spec.model.arch!r}; "
-                f"allowed: {', '.join(sorted(CATALOGUE))}")
-    allowed = entry.params()
-    for key in spec.model.params:
-        if key not in allowed:
-            shown = ", ".join(allowed) if allowed else "none"
-            return f"model.params.{key}: unknown parameter for {entry.arch}; allowed: {shown}"
-    for key in _REGULARIZERS:
-        if getattr(spec.regularization, key) is not None and key not in allowed:
-            having = ", ".join(a for a, e in sorted(CATALOGUE.items()) if key in e.params())
-            return (f"regularization.{key}: {entry.arch} has no {key} setting; "
-                    f"models that have one: {having}")
-    from gradyard.data import source_kind  # data imports this module
-
-    kind = source_kind(spec)
-    if kind not in entry.accepts:
-        return (f"data.source: {spec.data.source!r} gives {kind} data, but {entry.arch} "
-                f"takes {' or '.join(entry.accepts)} data")
-    return None
-
-
-def model_params(spec: "JobSpec") -> dict[str, Any]:
-    """`model.params` with `regularization.dropout` / `batch_norm` laid over them."""
-    params = dict(spec.model.params)
-    for key in _REGULARIZERS:
-        value = getattr(spec.regularization, key)
-        if value is not None:
-            params[key] = value
-    return params
-
-
-def build_model(spec: "JobSpec", info: "DataInfo", *,
-                storage_options: Optional[dict] = None) -> nn.Module:
+def build_model(spec: "JobSpec", info: "DataInfo") -> nn.Module:
     """Build the job's model for data described by `info`, with pretrained weights if set."""
-    problem = check_model_section(spec)
+    problem = check_job(spec)
     if problem:
         raise ModelError(problem)
     entry = CATALOGUE[spec.model.arch]
+    builder = BUILDERS[entry.arch]
     params = model_params(spec)
     state = None
     if spec.model.pretrained:
-        state = load_state_dict(spec.model.pretrained, storage_options)
+        state = load_state_dict(spec.model.pretrained, spec.storage.endpoint_url, spec.storage.region)
     try:
         if entry.takes_pretrained_state:
-            return entry.builder(info, **params, state_dict=state)
-        model = entry.builder(info, **params)
+            return builder(info, **params, state_dict=state)
+        model = builder(info, **params)
     except (TypeError, ValueError) as exc:
         raise ModelError(f"model.params: cannot build {entry.arch}: {exc}") from None
     if state is not None:
@@ -363,25 +259,30 @@ def build_model(spec: "JobSpec", info: "DataInfo", *,
     return model
 
 
-def load_state_dict(url: str, storage_options: Optional[dict] = None) -> dict:
-    """Read a state_dict from a local path, file:// or s3:// URL (tensors only, on the CPU)."""
-    import fsspec
+def load_state_dict(url: str, endpoint_url: Optional[str] = None, region: Optional[str] = None) -> dict:
+    """Read a state_dict from a local path, file:// or s3:// URL (tensors only, on the CPU).
 
+    Through the storage seam: the job's endpoint, the retry policy, redacted messages.
+    """
+    shown = redact(url)
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            blob = f.read()
-    except FileNotFoundError:
-        raise ModelError(f"model.pretrained: no weights file at {url}") from None
+        weights = open_storage(url, endpoint_url, region)
+        blob = weights.read_bytes(weights.root_path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ModelError(f"model.pretrained: no weights file at {shown}") from None
+    except StorageError as exc:
+        raise ModelError(f"model.pretrained: {exc}") from None
     try:
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle and zip errors have many types
-        raise ModelError(f"model.pretrained: {url} is not a PyTorch state_dict ({exc})") from None
+        raise ModelError(f"model.pretrained: {shown} is not a PyTorch state_dict "
+                         f"({type(exc).__name__}: {redact(str(exc))[:200]})") from None
     # Accept {"model": sd} / {"state_dict": sd} wrappers and DDP's "module." prefix.
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ModelError(f"model.pretrained: {url} holds a {type(state).__name__}, "
+        raise ModelError(f"model.pretrained: {shown} holds a {type(state).__name__}, "
                          "not a state_dict")
     return {k.removeprefix("module."): v for k, v in state.items()}
 

@@ -1,16 +1,24 @@
-"""Driver side of a run: prepare storage, hand the job to Ray Train, read the summary back."""
+"""Driver side of a run: take the run lease, check storage and data, hand the job to Ray Train, read the summary.
+
+``run_job`` is what ``gradyard run`` and ``python -m gradyard.launch`` (the
+``ray job submit`` entrypoint) both call.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from typing import Optional
+from typing import Any, Optional
 
+from gradyard.checkpoint import LeaseKeeper, acquire
 from gradyard.job import JobError, JobSpec
-from gradyard.storage import Storage, StorageError, check_storage, open_storage, redact
+from gradyard.storage import Storage, StorageError, open_storage, redact
+from gradyard.worker import SUMMARY, run_directory
 
 log = logging.getLogger("gradyard")
+
+FRESH_REMOVES = ("checkpoints", SUMMARY, "attempts.json", "analysis")
+"""What ``--fresh`` deletes from a run directory before starting over."""
 
 
 class RunError(Exception):
@@ -18,42 +26,58 @@ class RunError(Exception):
 
 
 def prepare_run(spec: JobSpec, storage_url: Optional[str] = None, fresh: bool = False,
-                check: bool = True) -> Storage:
-    """The run directory ``<storage>/<job name>``, checked writable before any worker starts."""
-    base = open_storage(storage_url or spec.storage.url, spec.storage.endpoint_url, spec.storage.region)
-    if check:
-        check_storage(base)
-    run = base.child(spec.name)
-    if fresh:
-        for name in ("checkpoints", "summary.json", "attempts.json", "analysis", "telemetry"):
-            path = run.join(name)
-            if run.fs.exists(path):
-                run.fs.rm(path, recursive=True)
-                print(f"--fresh: removed {redact(run.url)}/{name}", flush=True)
-    return run
+                check: bool = True) -> tuple[Storage, Optional[LeaseKeeper]]:
+    """The run directory, checked writable, with this driver's lease on it (taken before ``--fresh``)."""
+    run = run_directory(spec, storage_url, check=check)
+    keeper = LeaseKeeper(acquire(run, purpose="--fresh" if fresh else "train"))
+    try:
+        if fresh:
+            for name in FRESH_REMOVES:
+                path = run.join(name)
+                if run.exists(path):
+                    run.remove(path, recursive=True)
+                    print(f"--fresh: removed {run.shown}/{name}", flush=True)
+    except BaseException:
+        keeper.release()
+        raise
+    return run, keeper
 
 
 def preflight_data(spec: JobSpec) -> None:
-    """A missing dataset fails here, naming the job key, before any worker starts."""
-    if not spec.data.is_url:
-        return
-    try:
-        src = open_storage(spec.data.source, spec.storage.endpoint_url, spec.storage.region)
-        present = src.fs.exists(src.root_path)
-    except StorageError:
-        present = False
-    except Exception:  # noqa: BLE001 - unreachable storage reads as "not there"
-        present = False
-    if not present:
-        raise JobError(
-            f"data.source: nothing at {redact(spec.data.source)} (format {spec.data.format}). "
-            "Point data.source at a local or object-storage copy of the dataset, "
-            "or run with --set data.source=synthetic")
-    if spec.model.pretrained:
-        w = open_storage(spec.model.pretrained, spec.storage.endpoint_url, spec.storage.region)
-        if not w.fs.exists(w.root_path):
-            raise JobError(f"model.pretrained: no weights at {redact(spec.model.pretrained)}; "
+    """A missing dataset or weights file fails here, naming the job key, before any worker starts."""
+    for key, url in (("data.source", spec.data.source if spec.data.is_url else None),
+                     ("model.pretrained", spec.model.pretrained)):
+        if not url:
+            continue
+        try:
+            src = open_storage(url, spec.storage.endpoint_url, spec.storage.region)
+            present = src.exists(src.root_path)
+        except Exception:  # noqa: BLE001 - unreachable storage reads as "not there"
+            present = False
+        if not present and key == "data.source":
+            raise JobError(
+                f"data.source: nothing at {redact(url)} (format {spec.data.format}). "
+                "Point data.source at a local or object-storage copy of the dataset, "
+                "or run with --set data.source=synthetic")
+        if not present:
+            raise JobError(f"model.pretrained: no weights at {redact(url)}; "
                            "point it at a local or object-storage copy (nothing is downloaded)")
+
+
+def preflight_placement(spec: JobSpec, run: Storage) -> None:
+    """Local storage is only one node's: refuse it when workers may run on several, unless declared shared."""
+    if not run.is_local or spec.storage.shared or spec.scaling.max_workers < 2:
+        return
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    spread = spec.scaling.placement in ("SPREAD", "STRICT_SPREAD")
+    if len(nodes) > 1 or spread:
+        raise JobError(
+            f"storage.url: {run.shown} is a local path, but this cluster has {len(nodes)} nodes "
+            f"(placement {spec.scaling.placement}): every worker must read and write the same run directory. "
+            "Use object storage (s3://bucket/prefix), or, if that path is a filesystem every node mounts, "
+            "say so with storage.shared: true")
 
 
 def scaling_config(spec: JobSpec):
@@ -91,69 +115,80 @@ def _controller_lost(exc: BaseException) -> bool:
 
 
 def run_job(spec: JobSpec, *, address: Optional[str] = None, storage_url: Optional[str] = None,
-            fresh: bool = False, on_cluster: bool = False, faults: Optional[dict] = None) -> dict:
-    """Train ``spec`` on Ray Train and return the run's summary."""
+            fresh: bool = False, on_cluster: bool = False, callbacks: Optional[list[Any]] = None) -> dict:
+    """Train ``spec`` on Ray Train and return the run's summary.
+
+    ``callbacks`` are extra training callbacks every worker adds (tests use it
+    to inject faults); they must pickle.
+    """
     import ray
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from gradyard.train import run_worker
+    from gradyard.worker import run_worker
 
     # Ray Train re-routes worker print() through its logger, which also echoes
     # to stdout: each progress line would show twice.  Propagated to workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    run = prepare_run(spec, storage_url, fresh=fresh)
-    preflight_data(spec)
-    base = open_storage(storage_url or spec.storage.url, spec.storage.endpoint_url, spec.storage.region)
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        elif on_cluster:
-            ray.init(log_to_driver=True)  # inside `ray job submit`: the job's own cluster
-        else:
-            # An embedded cluster; never attach to whatever this machine ran last.
-            # The dashboard serves Ray's state API, which Ray Train's
-            # placement-group cleaner polls; loopback only.
-            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                     log_to_driver=True)
-
-    def make_trainer() -> TorchTrainer:
-        return TorchTrainer(
-            run_worker,
-            train_loop_config={"spec": spec.model_dump(mode="json"), "storage": run.spec(),
-                               "launcher": "ray",
-                               # Test-only fault injection (see gradyard.testing.faults).
-                               "faults": faults or json.loads(os.environ.get("GRADYARD_FAULTS", "null"))},
-            scaling_config=scaling_config(spec),
-            run_config=RunConfig(
-                name=spec.name,
-                storage_path=base.root_path,
-                storage_filesystem=base.to_pyarrow(),
-                failure_config=FailureConfig(max_failures=spec.failure.max_failures),
-            ),
-        )
-
-    print(f"[{spec.name}] training on Ray: {spec.scaling.num_workers} worker(s), run directory "
-          f"{redact(run.url)}", flush=True)
-    relaunches = 0
-    while True:
-        try:
-            make_trainer().fit()
-            break
-        except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause only
-            # Ray Train restarts lost workers itself; a lost node can also take
-            # the train controller with it, which ends fit().  Start again:
-            # the workers resume from the newest complete checkpoint.
-            if _controller_lost(exc) and relaunches < max(spec.failure.max_failures, 0):
-                relaunches += 1
-                print(f"[{spec.name}] the training controller was lost ({root_cause(exc)}); "
-                      "resuming from the newest checkpoint", flush=True)
-                continue
-            raise RunError(root_cause(exc)) from None
+    run, keeper = prepare_run(spec, storage_url, fresh=fresh)
     try:
-        with run.fs.open(run.join("summary.json"), "rb") as f:
-            summary = json.loads(f.read())
-        summary["run_url"] = redact(run.url)
+        preflight_data(spec)
+        base = open_storage(storage_url or spec.storage.url, spec.storage.endpoint_url, spec.storage.region)
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, log_to_driver=True)
+            elif on_cluster:
+                ray.init(log_to_driver=True)  # inside `ray job submit`: the job's own cluster
+            else:
+                # An embedded cluster; never attach to whatever this machine ran last.
+                # The dashboard serves Ray's state API, which Ray Train's
+                # placement-group cleaner polls; loopback only.
+                ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                         log_to_driver=True)
+        preflight_placement(spec, run)
+
+        def make_trainer() -> TorchTrainer:
+            return TorchTrainer(
+                run_worker,
+                train_loop_config={"spec": spec.model_dump(mode="json"), "storage": run.spec(),
+                                   "launcher": "ray", "lease": keeper.token, "callbacks": callbacks or []},
+                scaling_config=scaling_config(spec),
+                run_config=RunConfig(
+                    name=spec.name,
+                    storage_path=base.root_path,
+                    storage_filesystem=base.to_pyarrow(),
+                    failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+                ),
+            )
+
+        print(f"[{spec.name}] training on Ray: {spec.scaling.num_workers} worker(s), run directory "
+              f"{run.shown}", flush=True)
+        relaunches = 0
+        while True:
+            try:
+                make_trainer().fit()
+                break
+            except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause only
+                # Ray Train restarts lost workers itself; a lost node can also take
+                # the train controller with it, which ends fit().  Start again:
+                # the workers resume from the newest complete checkpoint.
+                if _controller_lost(exc) and relaunches < max(spec.failure.max_failures, 0):
+                    relaunches += 1
+                    print(f"[{spec.name}] the training controller was lost ({root_cause(exc)}); "
+                          "resuming from the newest checkpoint", flush=True)
+                    continue
+                raise RunError(root_cause(exc)) from None
+        if keeper.lost:
+            raise RunError(f"this driver lost the run lease of {run.shown} to {keeper.lost}")
+        try:
+            summary = run.read_json(run.join(SUMMARY))
+        except StorageError as exc:
+            raise RunError(f"training finished but its summary cannot be read: {exc}") from None
+        if summary is None:
+            raise RunError(f"training finished but {run.shown}/{SUMMARY} is missing")
+        if summary.get("status") == "failed":
+            raise RunError(summary.get("error") or "training failed (see the log)")
+        summary["run_url"] = run.shown
         return summary
-    except FileNotFoundError:
-        raise RunError(f"training finished but {redact(run.url)}/summary.json is missing") from None
+    finally:
+        keeper.release()

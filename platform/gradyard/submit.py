@@ -75,16 +75,17 @@ def _status(status) -> str:
 
 
 def wait(client, job_id: str, follow: bool = True, poll: float = 1.0) -> str:
-    """Stream the logs while the job runs; return its final status."""
+    """Stream the logs while the job runs (whole lines, redacted); return its final status."""
     printed = 0
     while True:
         status = _status(client.get_job_status(job_id))
         if follow:
             logs = client.get_job_logs(job_id)
-            if len(logs) > printed:
-                sys.stdout.write(logs[printed:])
+            end = len(logs) if status in TERMINAL else logs.rfind("\n", printed) + 1
+            if end > printed:
+                sys.stdout.write(redact(logs[printed:end]))
                 sys.stdout.flush()
-                printed = len(logs)
+                printed = end
         if status in TERMINAL:
             return status
         time.sleep(poll)
@@ -113,9 +114,9 @@ def cmd_submit(args) -> int:
         return 0
     info = client.get_job_info(job_id)
     reason = error_from_logs(client.get_job_logs(job_id))
-    print(f"error: job {job_id} {status.lower()}: {reason}", file=sys.stderr)
+    print(f"error: job {job_id} {status.lower()}: {redact(reason)}", file=sys.stderr)
     if info.message and "exit code" in info.message:
-        print(f"  ({info.message.strip().splitlines()[0][:200]})", file=sys.stderr)
+        print(f"  ({redact(info.message.strip().splitlines()[0][:200])})", file=sys.stderr)
     return 1
 
 
@@ -123,7 +124,7 @@ def cmd_status(args) -> int:
     client = _client(args.address)
     info = client.get_job_info(args.job_id)
     status = _status(info.status)
-    print(f"{args.job_id}: {status}" + (f" ({info.message})" if info.message else ""))
+    print(f"{args.job_id}: {status}" + (f" ({redact(info.message)})" if info.message else ""))
     return 0 if status != "FAILED" else 1
 
 
@@ -132,7 +133,7 @@ def cmd_logs(args) -> int:
     if args.follow:
         status = wait(client, args.job_id, follow=True)
         return 0 if status == "SUCCEEDED" else 1
-    sys.stdout.write(client.get_job_logs(args.job_id))
+    sys.stdout.write(redact(client.get_job_logs(args.job_id)))
     return 0
 
 

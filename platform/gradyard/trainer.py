@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -26,7 +28,11 @@ from gradyard.events import Callback, Event
 from gradyard.job import JobSpec
 from gradyard.optim import build_loss, build_optimizer, build_scheduler, penalty, resolve_loss
 from gradyard.sampler import ShardSampler
-from gradyard.storage import Storage
+from gradyard.storage import Storage, redact, redact_tree
+from gradyard.watchdog import Progress
+
+if TYPE_CHECKING:
+    from gradyard.checkpoint.manager import CheckpointManager
 
 log = logging.getLogger("gradyard.trainer")
 
@@ -71,10 +77,16 @@ class TrainState:
     loss: Optional[torch.Tensor] = None
     metrics: dict = field(default_factory=dict)
     restarts: int = 0
-    checkpoint_stats: dict = field(default_factory=lambda: {
-        "last_blocked_seconds": 0.0, "blocked_seconds": [], "failures_total": 0, "saved_total": 0})
-    extra_labels: dict = field(default_factory=dict)
-    stop: bool = False
+    progress: Progress = field(default_factory=Progress)
+    """Where the training thread is (phase, since when, step): what the hang watchdog reads."""
+    checkpoint_at: str = ""
+    """At CHECKPOINT / CHECKPOINT_SAVED: the point that took it, `step`, `epoch` or `final`."""
+    checkpoint_result: Any = None
+    """At CHECKPOINT / CHECKPOINT_SAVED: the :class:`~gradyard.checkpoint.manager.SaveResult`."""
+    observer_errors: Counter = field(default_factory=Counter)
+    """Failures of best-effort callbacks (telemetry, analysis), by callback name."""
+    skipped_steps: int = 0
+    """Steps whose update was skipped for a non-finite loss (failure.on_nonfinite: skip)."""
 
 
 STEADY_AFTER_STEPS = 7
@@ -112,39 +124,57 @@ class StepClock:
         return (self._last[1] - self._from[1]) / (self._last[0] - self._from[0])
 
 
-def rng_state() -> dict:
-    """This process's RNG states as tensors and plain lists (loadable with weights_only)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    out = {
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def set_rng_state(s: dict) -> None:
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-    n = s["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
+class NonFiniteGuard:
+    """Watches the loss for NaN and inf (``failure.on_nonfinite``).
+
+    ``stop``: each step's loss is checked (on CPU at once; on CUDA into a
+    device-side "first bad step" with no sync) and the checkpoint manager's
+    control sync, which precedes every save, reads it: a non-finite state is
+    never checkpointed, and training stops naming the step.  ``skip``: every
+    step's flag is agreed across ranks (one small allreduce, a sync point) and
+    a step any rank saw non-finite updates nothing.
+    """
+
+    def __init__(self, mode: str, device: torch.device, world_size: int):
+        self.mode, self.world_size = mode, world_size
+        self.cuda = device.type == "cuda"
+        self.first_bad: Optional[int] = None
+        self._dev_first = torch.full((), -1, dtype=torch.int64, device=device) if self.cuda else None
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        if self.mode != "stop" or self.first_bad is not None:
+            return
+        if self.cuda:
+            bad = ~torch.isfinite(loss.detach())
+            self._dev_first = torch.where(bad & (self._dev_first < 0), step, self._dev_first)
+        elif not math.isfinite(float(loss.detach())):
+            self.first_bad = step
+
+    def pending(self) -> tuple[bool, Optional[int]]:
+        """(any non-finite loss on this rank so far, the first such step); a sync point on CUDA."""
+        if self.cuda and self.first_bad is None and self._dev_first is not None:
+            v = int(self._dev_first.item())
+            self.first_bad = v if v >= 0 else None
+        return self.first_bad is not None, self.first_bad
+
+    def skip(self, loss: torch.Tensor) -> bool:
+        """``skip`` mode: whether to skip this step's update (agreed by every rank)."""
+        bad = torch.tensor([0.0 if math.isfinite(float(loss.detach())) else 1.0], device=loss.device)
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item() > 0)
+
+
 class Trainer:
     def __init__(self, spec: JobSpec, storage: Storage, dist_info: DistInfo, run_id: str,
-                 callbacks: list[Callback], device: Optional[torch.device] = None):
+                 callbacks: list[Callback], device: Optional[torch.device] = None,
+                 checkpointer: Optional["CheckpointManager"] = None):
         from gradyard.data import build_datasets
         from gradyard.models import build_model
 
@@ -185,6 +215,10 @@ class Trainer:
         self.history: list[dict] = []
         self.clock = StepClock()
         self._epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        self.guard = NonFiniteGuard(spec.failure.on_nonfinite, device, dist_info.world_size)
+        self.checkpointer = checkpointer
+        if checkpointer is not None:
+            checkpointer.bind(self)
 
     # ------------------------------------------------------------ Stateful
     def state_dict(self) -> dict:
@@ -200,8 +234,8 @@ class Trainer:
             "epoch_sums": {k: float(v) for k, v in self._epoch_sums.items()},
             "history": list(self.history),
             "metrics": dict(s.metrics),
-            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks if cb.state_dict()},
-            "spec": s.spec.model_dump(mode="json"),
+            "skipped_steps": s.skipped_steps,
+            "spec": redact_tree(s.spec.model_dump(mode="json")),
             "spec_hash": s.spec.spec_hash(),
         }
 
@@ -215,26 +249,29 @@ class Trainer:
         self._epoch_sums = dict(d["epoch_sums"])
         self.history = list(d["history"])
         s.metrics = dict(d["metrics"])
-        for cb in self.callbacks:
-            if cb.name in d.get("callbacks", {}):
-                cb.load_state_dict(d["callbacks"][cb.name])
+        s.skipped_steps = int(d.get("skipped_steps", 0))
         if d.get("spec_hash") != s.spec.spec_hash():
             log.warning("the job spec changed since this checkpoint was written; resuming anyway")
-
-    def rng_states(self) -> list[dict]:
-        """Every rank's RNG states, in rank order (a collective: all ranks call it)."""
-        mine = rng_state()
-        if dist.is_available() and dist.is_initialized() and self.state.world_size > 1:
-            out: list = [None] * self.state.world_size
-            dist.all_gather_object(out, mine)
-            return out
-        return [mine]
 
     # ------------------------------------------------------------ events
     def fire(self, event: Event) -> None:
         listeners = self._listeners
         for cb in (listeners[event] if listeners is not None else self.callbacks):
-            cb.on_event(event, self.state)
+            try:
+                cb.on_event(event, self.state)
+            except Exception as exc:  # noqa: BLE001 - observers are best effort; critical ones stop training
+                if cb.critical:
+                    raise
+                self._observer_failed(cb, event.value, exc)
+
+    def _observer_failed(self, cb: Callback, where: str, exc: BaseException) -> None:
+        """A best-effort callback failed: log it (first time, then every 100th) and count it."""
+        errors = self.state.observer_errors
+        errors[cb.name] += 1
+        n = errors[cb.name]
+        if n == 1 or n % 100 == 0:
+            log.warning("%s failed at %s (%d time%s; training goes on): %s: %s", cb.name, where, n,
+                        "s" if n > 1 else "", type(exc).__name__, redact(str(exc))[:300])
 
     def _dispatch_table(self) -> dict:
         """Per event, the callbacks that act on it (``Callback.events``), in firing order."""
@@ -293,19 +330,26 @@ class Trainer:
             loss.backward()
         self.fire(Event.AFTER_BACKWARD)
         self.fire(Event.BEFORE_OPTIMIZER)
-        if s.scaler is not None:
+        skipped = self.guard.mode == "skip" and self.guard.skip(loss)
+        if skipped:
+            s.skipped_steps += 1  # no update: the weights stay as they were before this batch
+            log.warning("step %d: non-finite loss, update skipped (%d so far)", s.step + 1, s.skipped_steps)
+        elif s.scaler is not None:
             s.scaler.step(s.optimizer)
             s.scaler.update()
+            s.scheduler.step()
         else:
             s.optimizer.step()
-        s.scheduler.step()
+            s.scheduler.step()
+        self.guard.observe(loss, s.step + 1)
         self.fire(Event.AFTER_OPTIMIZER)
         # Sums stay on the device: reading them (a host-device sync point)
         # waits for the epoch's end instead of stalling every step.
         sums = self._epoch_sums
-        sums["loss"] = sums["loss"] + loss.detach().double() * s.batch_size
-        sums["correct"] = sums["correct"] + self._count_correct(outputs.detach().float(), targets)
-        sums["count"] += s.batch_size
+        if not skipped:  # a skipped step's non-finite loss is not the epoch's
+            sums["loss"] = sums["loss"] + loss.detach().double() * s.batch_size
+            sums["correct"] = sums["correct"] + self._count_correct(outputs.detach().float(), targets)
+            sums["count"] += s.batch_size
         s.step += 1
         s.batch_in_epoch += 1
         s.consumed_in_epoch += s.batch_size * s.world_size
@@ -358,19 +402,45 @@ class Trainer:
         return s.epoch >= self.spec.schedule.epochs
 
     def fit(self) -> dict:
+        """Train to the end of the schedule; every callback's ``close`` runs, whatever happens."""
         s = self.state
         s.model.train()
         self._listeners = self._dispatch_table()  # the callbacks are fixed for the fit
-        self.fire(Event.FIT_START)
         try:
-            while not self._done() and not s.stop:
+            self.fire(Event.FIT_START)
+            while not self._done():
                 self._run_epoch()
+            self._checkpoint("final")
             self.fire(Event.FIT_END)
         finally:
             self._listeners = None
-            for cb in self.callbacks:
-                cb.close()
+            self.close()
         return s.metrics
+
+    def close(self) -> None:
+        """Close every callback and the checkpointer; the first critical failure is raised after all ran."""
+        first: Optional[BaseException] = None
+        for cb in self.callbacks:
+            try:
+                cb.close()
+            except Exception as exc:  # noqa: BLE001 - one callback's close must not skip the others'
+                if cb.critical and first is None:
+                    first = exc
+                self._observer_failed(cb, "close", exc)
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        if first is not None:
+            raise first
+
+    def _checkpoint(self, at: str) -> None:
+        """A checkpoint point: the manager saves if due; fire what it took and what became durable."""
+        if self.checkpointer is None:
+            return
+        s = self.state
+        s.checkpoint_at = at
+        for kind, result in self.checkpointer.at_point(s, at):
+            s.checkpoint_result = result
+            self.fire(Event.CHECKPOINT if kind == "taken" else Event.CHECKPOINT_SAVED)
 
     def _run_epoch(self) -> None:
         s = self.state
@@ -379,12 +449,14 @@ class Trainer:
             self._epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
         self.fire(Event.EPOCH_START)
         t0 = time.perf_counter()
-        loader = self._loader(s.epoch, s.consumed_in_epoch)
-        it = iter(loader)
-        exhausted = False
+        with s.progress.phase("epoch"):  # loader workers start here
+            loader = self._loader(s.epoch, s.consumed_in_epoch)
+            it = iter(loader)
+        batches, exhausted = len(loader), False
         while True:
             if spec.schedule.steps is not None and s.step >= spec.schedule.steps:
                 break
+            s.progress.step_started(s.step)
             self.fire(Event.BEFORE_DATA)
             try:
                 inputs, targets = next(it)
@@ -396,8 +468,11 @@ class Trainer:
             self.train_step(inputs, targets)
             self.fire(Event.BATCH_END)
             self.clock.tick(s.step)
-            if s.stop:
-                return
+            batches -= 1
+            # The last batch of an epoch, or of the run, is checkpointed at the epoch's (or the final)
+            # checkpoint point instead, after its evaluation: same step, with its test metrics.
+            if batches > 0 and s.step != spec.schedule.steps:
+                self._checkpoint("step")
         epoch_finished = exhausted
         # Train metrics of the (possibly partial) epoch, then test metrics.
         s.metrics.update(self._epoch_metrics(time.perf_counter() - t0))
@@ -409,10 +484,13 @@ class Trainer:
             s.consumed_in_epoch = 0
         last = self._done()
         if last or (epoch_finished and s.epoch % spec.schedule.eval_every_epochs == 0):
-            s.metrics.update(self.evaluate())
+            with s.progress.phase("eval"):
+                s.metrics.update(self.evaluate())
             self.history.append(dict(s.metrics))
             self.fire(Event.EPOCH_END)
             self.fire(Event.EVAL_END)
         else:
             self.history.append(dict(s.metrics))
             self.fire(Event.EPOCH_END)
+        if epoch_finished and not last:
+            self._checkpoint("epoch")

@@ -57,6 +57,7 @@ class CensusCallback(Callback):
     """
 
     name = "census"
+    critical = False
 
     def __init__(self, at_step: int = 5, every: Optional[int] = None, timing_steps: int = 3,
                  profile: Optional["DeviceProfile"] = None, sink: Optional[Callable[["StepRecord"], None]] = None,

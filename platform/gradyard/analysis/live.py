@@ -7,7 +7,6 @@ and ``<run>/analysis/verdict.json``, prints the verdict, and sets
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Optional
@@ -17,7 +16,7 @@ from typing import Any, Optional
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 from gradyard.analysis.callback import CensusCallback
-from gradyard.storage import Storage, with_retries
+from gradyard.storage import Storage
 
 log = logging.getLogger("gradyard.analysis")
 
@@ -44,13 +43,7 @@ def live_analysis(storage: Storage, rank: int, *, at_step: int = 5, metrics: Any
             record.profile = load_or_calibrate(quick=True)
         verdict = analyze_run(record.to_dict(), record.profile)
         for name, payload in (("step.json", record.to_dict()), ("verdict.json", verdict.to_dict())):
-            blob = json.dumps(payload, indent=1, default=str).encode()
-
-            def put(name=name, blob=blob):
-                with storage.fs.open(storage.join("analysis", name), "wb") as f:
-                    f.write(blob)
-
-            with_retries(put, what=f"write analysis/{name}", log=log.warning)
+            storage.write_json(storage.join("analysis", name), payload)
         if metrics is not None:
             metrics.set_regime(verdict.regime, verdict.numbers)
         shown = [f"{k} {v:.3g}" for k, v in verdict.numbers.items()

@@ -125,8 +125,12 @@ class ImageFiles:
     def __getitem__(self, i: int) -> torch.Tensor:
         from PIL import Image
 
-        with Image.open(self.paths[i]) as im:
-            return F.pil_to_tensor(im.convert("RGB"))
+        try:
+            with Image.open(self.paths[i]) as im:
+                return F.pil_to_tensor(im.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's decoders raise all three
+            raise DataError(f"data.source: cannot decode image {self.paths[i]} ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})") from None
 
 
 class ImageDataset(SplitDataset):

@@ -15,10 +15,9 @@ from gradyard.data.base import (
     DataInfo, ImageDataset, ImageGeometry, TensorImages, TensorPairs, image_geometry,
     make_targets, split_indices, tabular_splits,
 )
+from gradyard.sources import synthetic_profile
 
 SYNTHETIC_SAMPLES = 512
-SYNTHETIC_MAX_CLASSES = 10
-"""More classes than this carry too little signal in a few hundred samples."""
 
 
 def circles(spec, entry):
@@ -72,38 +71,8 @@ def image_splits(name, images: torch.Tensor, y: np.ndarray, task: str, num_class
 # ---------------------------------------------------------------- synthetic
 
 
-LIKE_FORMAT = {
-    "idx": ("image", (1, 28, 28), "multiclass", 10),
-    "imagefolder": ("image", (3, 64, 64), "multiclass", 3),
-    "aclimdb": ("text", None, "binary", 1),
-    "mammographic": ("tabular", (4,), "binary", 1),
-}
-"""`source: synthetic` with one of these formats mimics that data: kind, shape, task, outputs."""
-
-
-def synthetic_profile(spec, entry) -> tuple[str, tuple, str, int]:
-    """(kind, native shape, task, outputs) of the synthetic data for this job.
-
-    From `data.format` when set (so `--set data.source=synthetic` keeps a
-    job's shapes), else the model's defaults; a flattening model given
-    `data.image_size` gets images.  `loss`, when not `auto`, sets the task.
-    Classes are capped so that a few hundred samples carry learnable signal.
-    """
-    if spec.data.format in LIKE_FORMAT:
-        kind, shape, task, outputs = LIKE_FORMAT[spec.data.format]
-    else:
-        kind, shape = entry.input_kind, entry.default_input_shape
-        task, outputs = entry.task, entry.default_num_classes
-        if kind == "tabular" and spec.data.image_size:
-            kind, shape = "image", (1, spec.data.image_size, spec.data.image_size)
-    task = {"bce": "binary", "mse": "regression", "cross_entropy": "multiclass"}.get(
-        spec.loss, task)
-    outputs = 1 if task != "multiclass" else min(max(outputs, 2), SYNTHETIC_MAX_CLASSES)
-    return kind, shape, task, outputs
-
-
 def synthetic(spec, entry):
-    """Data shaped as `synthetic_profile` says, with learnable signal.
+    """Data shaped as :func:`gradyard.sources.synthetic_profile` says, with learnable signal.
 
     Classes differ in their mean (tabular), in a low-frequency pattern
     (images) or in a handful of over-represented tokens (text); regression

@@ -1,10 +1,20 @@
-"""Readers for data at a URL, by `data.format`; each gets a local path (see staging)."""
+"""Readers for data at a URL, by `data.format`; each gets a local path (see staging).
+
+Data comes from outside, so every reader turns what it cannot use into a
+:class:`DataError` that names the file (and the row and column of a bad
+cell), never another exception; and no reader follows a symbolic link out of
+the dataset's root (:func:`inside`).
+"""
 
 from __future__ import annotations
 
 import csv as _csv
+import functools
 import gzip
+import math
+import os
 import re
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +25,35 @@ from gradyard.data.base import (
     FALLBACK, DataError, DataInfo, ImageDataset, ImageFiles, TensorImages, TensorPairs,
     image_geometry, make_targets, split_indices, tabular_splits,
 )
+
+MISSING = ("?", "", "NA", "nan", "NaN", "N/A", "null", "None")
+"""Cells that mean "no value": imputed in a feature column, an error in the target column."""
+
+
+def inside(root: Path, path: Path) -> Path:
+    """``path`` if it resolves inside ``root`` (links within the dataset are fine); DataError otherwise."""
+    real_root, real = root.resolve(), path.resolve()
+    if real != real_root and os.path.commonpath([real_root, real]) != str(real_root):
+        raise DataError(f"data.source: {path} is a symbolic link out of the dataset ({real}); gradyard "
+                        f"reads nothing outside {root}")
+    return path
+
+
+def _reader(fn):
+    """Any failure to read a file that is not already a DataError becomes one, naming the source."""
+    @functools.wraps(fn)
+    def wrapper(spec, entry, root: Path):
+        try:
+            return fn(spec, entry, root)
+        except DataError:
+            raise
+        except (OSError, ValueError, EOFError, UnicodeError, zlib.error, _csv.Error, IndexError,
+                KeyError, MemoryError, OverflowError, RuntimeError) as exc:
+            from gradyard.storage import redact
+
+            raise DataError(f"data.source: cannot read {spec.data.format} data at {redact(spec.data.source)} "
+                            f"({type(exc).__name__}: {redact(str(exc))[:300]})") from None
+    return wrapper
 
 # ---------------------------------------------------------------- MNIST / FashionMNIST IDX
 
@@ -33,7 +72,7 @@ def _find_idx(root: Path, names: tuple[str, ...]) -> Path | None:
         for name in names:
             for candidate in (folder / name, folder / f"{name}.gz"):
                 if candidate.is_file():
-                    return candidate
+                    return inside(root, candidate)
     return None
 
 
@@ -46,14 +85,17 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     if magic != _IDX_MAGIC[ndim]:
         raise DataError(f"data.source: {path} is not an IDX file of {ndim}-d unsigned bytes "
                         f"(magic {magic:#010x}, expected {_IDX_MAGIC[ndim]:#010x})")
+    if len(blob) < 4 + 4 * ndim:
+        raise DataError(f"data.source: {path} is truncated (its {ndim}-d IDX header needs {4 + 4 * ndim} bytes)")
     dims = [int.from_bytes(blob[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(blob, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
+    if data.size != math.prod(dims) or (ndim == 3 and 0 in dims):
         raise DataError(f"data.source: {path} is truncated ({data.size} bytes of data for "
                         f"dimensions {dims})")
     return data.reshape(dims)
 
 
+@_reader
 def idx(spec, entry, root: Path):
     paths = {k: _find_idx(root, names) for k, names in _IDX_FILES.items()}
     if any(p is None for p in paths.values()):
@@ -82,14 +124,21 @@ def idx(spec, entry, root: Path):
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def _image_tree(folder: Path) -> dict[str, list[Path]]:
-    return {d.name: sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            for d in sorted(folder.iterdir()) if d.is_dir()}
+def _image_tree(root: Path, folder: Path) -> dict[str, list[Path]]:
+    tree = {}
+    for d in sorted(folder.iterdir()):
+        if not d.is_dir():
+            continue
+        inside(root, d)
+        tree[d.name] = sorted(inside(root, p) for p in d.rglob("*")
+                              if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return tree
 
 
+@_reader
 def imagefolder(spec, entry, root: Path):
     """`root/train/<class>/*` and `root/test/<class>/*`; without test/, a split of train/."""
-    train_tree = _image_tree(root / "train") if (root / "train").is_dir() else {}
+    train_tree = _image_tree(root, inside(root, root / "train")) if (root / "train").is_dir() else {}
     if not any(train_tree.values()):
         raise DataError(f"data.source: no images at {spec.data.source}/train/<class>/ "
                         f"(ImageFolder layout: train/<class>/*.jpg and test/<class>/*.jpg). "
@@ -103,7 +152,7 @@ def imagefolder(spec, entry, root: Path):
 
     train_paths, train_y = flatten(train_tree)
     if (root / "test").is_dir():
-        test_tree = _image_tree(root / "test")
+        test_tree = _image_tree(root, inside(root, root / "test"))
         unknown = sorted(set(test_tree) - set(classes))
         if unknown:
             raise DataError(f"data.source: test/ has classes that train/ lacks: "
@@ -129,11 +178,11 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text.lower().replace("<br />", " "))
 
 
-def _reviews(folder: Path) -> tuple[list[list[str]], np.ndarray]:
+def _reviews(root: Path, folder: Path) -> tuple[list[list[str]], np.ndarray]:
     docs, labels = [], []
     for label, name in ((0, "neg"), (1, "pos")):
-        for p in sorted((folder / name).glob("*.txt")):
-            docs.append(tokenize(p.read_text(encoding="utf-8", errors="replace")))
+        for p in sorted(inside(root, folder / name).glob("*.txt")):
+            docs.append(tokenize(inside(root, p).read_text(encoding="utf-8", errors="replace")))
             labels.append(label)
     return docs, np.array(labels, dtype=np.float32)
 
@@ -151,6 +200,7 @@ def encode(docs: list[list[str]], vocab: dict[str, int], length: int) -> torch.T
     return torch.from_numpy(out)
 
 
+@_reader
 def aclimdb(spec, entry, root: Path):
     if not (root / "train").is_dir() and (root / "aclImdb" / "train").is_dir():
         root = root / "aclImdb"
@@ -158,8 +208,8 @@ def aclimdb(spec, entry, root: Path):
         raise DataError(f"data.source: no aclImdb reviews at {spec.data.source} (expected "
                         f"train/pos, train/neg, test/pos, test/neg folders of .txt files). "
                         f"{FALLBACK}")
-    train_docs, train_y = _reviews(root / "train")
-    test_docs, test_y = _reviews(root / "test")
+    train_docs, train_y = _reviews(root, root / "train")
+    test_docs, test_y = _reviews(root, root / "test")
     if not train_docs:
         raise DataError(f"data.source: {root}/train/pos and train/neg hold no .txt files")
     counts = Counter(t for doc in train_docs for t in doc)
@@ -181,8 +231,11 @@ MAMMOGRAPHIC_COLUMNS = ("bi_rads", "age", "shape", "margin", "density", "severit
 
 
 def _rows(path: Path) -> list[list[str]]:
-    with open(path, newline="") as f:
-        return [[c.strip() for c in row] for row in _csv.reader(f) if any(c.strip() for c in row)]
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [[c.strip() for c in row] for row in _csv.reader(f) if any(c.strip() for c in row)]
+    if not rows:
+        raise DataError(f"data.source: {path} is empty")
+    return rows
 
 
 def _check_width(rows: list[list[str]], path: Path, columns: list[str] | tuple[str, ...]) -> None:
@@ -192,30 +245,51 @@ def _check_width(rows: list[list[str]], path: Path, columns: list[str] | tuple[s
                         f"expected {len(columns)} ({', '.join(columns)})")
 
 
-def _numbers(rows: list[list[str]], what: str) -> np.ndarray:
-    """Floats, with `?`, `NA` and empty cells as NaN."""
-    try:
-        return np.array([[np.nan if c in ("?", "", "NA", "nan") else float(c) for c in r]
-                         for r in rows], dtype=np.float64)
-    except ValueError as exc:
-        raise DataError(f"data.source: {what} has a non-numeric feature ({exc})") from None
+def _numbers(rows: list[list[str]], path: Path, columns, first_row: int = 1) -> np.ndarray:
+    """Finite floats, with the :data:`MISSING` markers as NaN; DataError naming row and column otherwise."""
+    out = np.empty((len(rows), len(rows[0]) if rows else 0), dtype=np.float64)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(r):
+            if c in MISSING:
+                out[i, j] = np.nan
+                continue
+            try:
+                v = float(c)
+            except ValueError:
+                v = math.nan if c.lower() in ("nan", "inf", "-inf") else None
+            if v is None or not math.isfinite(v):
+                raise DataError(f"data.source: {path} row {i + first_row}, column {columns[j]!r}: {c[:40]!r} "
+                                "is not a number (features must be numbers, or ? / empty for missing)")
+            out[i, j] = v
+    return out
 
 
+def _target_problem(path: Path, row: int, column: str, cell: str, allowed: str) -> DataError:
+    return DataError(f"data.source: {path} row {row}, column {column!r}: target {cell[:40]!r} is not "
+                     f"{allowed}; a row's target cannot be missing")
+
+
+@_reader
 def mammographic(spec, entry, path: Path):
     """UCI Mammographic Mass: age, shape, margin, density → severity (benign 0 / malignant 1).
 
     BI-RADS is read but not used: the data set's description marks it
     non-predictive (it is the radiologist's own assessment).
     """
+    root = path
     if path.is_dir():
-        path = path / MAMMOGRAPHIC_FILE
+        path = inside(root, path / MAMMOGRAPHIC_FILE)
     if not path.is_file():
         raise DataError(f"data.source: no {MAMMOGRAPHIC_FILE} at {spec.data.source}. {FALLBACK}")
     rows = _rows(path)
     _check_width(rows, path, MAMMOGRAPHIC_COLUMNS)
-    table = _numbers(rows, str(path))
-    table = table[~np.isnan(table[:, 5])]  # a row without severity teaches nothing
-    x, y = table[:, 1:5], table[:, 5].astype(np.int64)
+    for i, r in enumerate(rows):
+        if r[5] not in ("0", "1"):
+            raise _target_problem(path, i + 1, "severity", r[5], "0 (benign) or 1 (malignant)")
+    table = _numbers([r[:5] for r in rows], path, MAMMOGRAPHIC_COLUMNS)
+    x, y = table[:, 1:5], np.array([int(r[5]) for r in rows], dtype=np.int64)
+    if len(set(y.tolist())) < 2 or len(y) < 4:
+        raise DataError(f"data.source: {path} needs rows of both severities (0 and 1), at least 4 rows")
     train, test, info = tabular_splits("mammographic", x, y, "binary", 1, spec.data.test_fraction,
                                        spec.schedule.seed, standardise=True)
     return train, test, info
@@ -224,6 +298,7 @@ def mammographic(spec, entry, path: Path):
 TARGET_NAMES = ("target", "label", "y", "class")
 
 
+@_reader
 def csv(spec, entry, path: Path):
     """A CSV with a header row: numeric features, target in a column named target/label/y/class
     (else the last column).  Integer or text targets with few values are classes; other
@@ -234,18 +309,23 @@ def csv(spec, entry, path: Path):
         if len(found) != 1:
             raise DataError(f"data.source: expected one .csv file in {spec.data.source}, "
                             f"found {len(found)}. {FALLBACK}")
-        path = found[0]
+        path = inside(path, found[0])
     rows = _rows(path)
     if len(rows) < 3:
         raise DataError(f"data.source: {path} needs a header row and data rows")
     header, body = [h.lower() for h in rows[0]], rows[1:]
+    if len(header) < 2:
+        raise DataError(f"data.source: {path} needs at least two columns (features and a target)")
     _check_width(body, path, header)
     t = next((header.index(n) for n in TARGET_NAMES if n in header), len(header) - 1)
     target = [r[t] for r in body]
-    x = _numbers([r[:t] + r[t + 1:] for r in body], str(path))
+    for i, cell in enumerate(target):
+        if cell in MISSING or cell.lower() in ("inf", "-inf", "+inf"):
+            raise _target_problem(path, i + 2, header[t], cell, "a class name or a finite number")
+    x = _numbers([r[:t] + r[t + 1:] for r in body], path, header[:t] + header[t + 1:], first_row=2)
     try:
         values = np.array([float(v) for v in target])
-        numeric = True
+        numeric = bool(np.all(np.isfinite(values)))
     except ValueError:
         numeric = False
     if numeric and not (np.all(values == np.round(values)) and len(set(values)) <= 50):
@@ -254,6 +334,9 @@ def csv(spec, entry, path: Path):
         raw = values if numeric else target
         index = {v: i for i, v in enumerate(sorted(set(raw)))}
         y = np.array([index[v] for v in raw], dtype=np.int64)
+        if len(index) < 2:
+            raise DataError(f"data.source: {path} column {header[t]!r} holds one class only; a classifier "
+                            "needs two or more")
         task, k = ("binary", 1) if len(index) == 2 else ("multiclass", len(index))
     return tabular_splits("csv", x, y, task, k, spec.data.test_fraction, spec.schedule.seed,
                           standardise=True)

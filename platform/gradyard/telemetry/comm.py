@@ -136,6 +136,7 @@ class GradSyncMonitor(Callback):
     """
 
     name = "grad_sync"
+    critical = False
     events = frozenset((Event.FIT_START,))
 
     def __init__(self, metrics: TelemetryMetrics):

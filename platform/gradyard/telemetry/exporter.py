@@ -62,9 +62,43 @@ def sd_dir() -> Path:
     return Path(os.environ.get("GRADYARD_PROMETHEUS_SD_DIR") or DEFAULT_SD_DIR)
 
 
+class DiscoveryDirError(OSError):
+    """A discovery directory another user could write to: targets written there could be forged."""
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) writable by this user only; refuse one another user controls.
+
+    Prometheus reads the files, so the directory stays readable; what must not
+    happen is another local user adding, replacing or removing targets, which
+    would forge any job's series or break discovery.  So the directory and each
+    parent up to a sticky shared one (``/tmp``) must belong to this user (or
+    root) and be writable by nobody else.
+    """
+    import stat
+
+    path = Path(os.path.abspath(path))
+    path.mkdir(mode=0o755, parents=True, exist_ok=True)
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for d in [path, *path.parents]:
+        st = d.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            raise DiscoveryDirError(f"{d} is a symbolic link: not writing Prometheus targets there")
+        if st.st_mode & stat.S_ISVTX and st.st_mode & 0o002:
+            break  # /tmp and its kind: others may create names here, but not take ours
+        if uid is not None and st.st_uid not in (uid, 0):
+            raise DiscoveryDirError(f"{d} belongs to uid {st.st_uid}, not this user ({uid}): not writing "
+                                    "Prometheus targets there (set GRADYARD_PROMETHEUS_SD_DIR to a directory "
+                                    "of your own)")
+        if st.st_mode & 0o022:
+            raise DiscoveryDirError(f"{d} is writable by other users (mode {st.st_mode & 0o777:o}): not writing "
+                                    "Prometheus targets there")
+    return path
+
+
 def write_file_sd(path: Path, groups: list[dict[str, Any]]) -> None:
     """Write a file_sd JSON atomically: Prometheus never reads half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -83,6 +117,7 @@ class PrometheusExporter(Callback):
     """Starts the worker's metrics server and registers it for discovery at FIT_START."""
 
     name = "prometheus_exporter"
+    critical = False
 
     def __init__(self, metrics: TelemetryMetrics, *, port: int = 0, host: Optional[str] = None,
                  sd_directory: Optional[Path] = None):
@@ -102,8 +137,14 @@ class PrometheusExporter(Callback):
     def on_event(self, event: Event, state: Any) -> None:
         if event is Event.FIT_START and self._server is None:
             self.metrics.bind(identity_labels(state))
-            self.start(local_rank=int(getattr(state, "local_rank", 0) or 0))
+            failed: Optional[Exception] = None
+            try:
+                self.start(local_rank=int(getattr(state, "local_rank", 0) or 0))
+            except Exception as exc:  # noqa: BLE001 - still join the collective below, without a target
+                failed = exc
             self.register(rank=int(state.rank), job=str(state.spec.name), run=str(state.run_id))
+            if failed is not None:
+                raise failed
 
     def start(self, local_rank: int = 0) -> tuple[str, int]:
         """Serve the registry; returns (host, port)."""
@@ -125,7 +166,7 @@ class PrometheusExporter(Callback):
         """Gather every rank's target; rank 0 writes the file_sd file. Collective when distributed."""
         ident = self.metrics.identity or {}
         mine = {
-            "targets": [_target(self.host, self.port)],
+            "targets": [_target(self.host, self.port)] if self.port else [],
             # The exporter's labels, repeated on the target so `up` carries them too.
             "labels": {"job": job, "run": run, "rank": str(rank), "node": ident.get("node", "")},
         }
@@ -136,10 +177,12 @@ class PrometheusExporter(Callback):
             dist.all_gather_object(groups, mine)
         else:
             groups = [mine]
+        groups = [g for g in groups if g["targets"]]
         self.targets = groups if rank == 0 else [mine]
         if rank == 0:
-            self.sd_path = (self.sd_directory or sd_dir()) / f"{job}-{run}.json"
-            write_file_sd(self.sd_path, groups)
+            path = (self.sd_directory or sd_dir()) / f"{job}-{run}.json"
+            write_file_sd(path, groups)
+            self.sd_path = path
         return self.targets
 
     def close(self) -> None:

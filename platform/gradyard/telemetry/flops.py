@@ -113,6 +113,7 @@ class FlopsMonitor(Callback):
     """Counts FLOPs on measured steps and turns step time into achieved FLOP/s and MFU."""
 
     name = "flops_monitor"
+    critical = False
 
     def __init__(self, metrics: TelemetryMetrics, every: int = 500, peak_profile: Any = None):
         if every < 1:

@@ -122,8 +122,11 @@ class TelemetryMetrics:
         self.checkpoints = Counter("gradyard_checkpoints_total", "Checkpoints saved by this rank.", L, registry=r)
         self.checkpoint_failures = Counter(
             "gradyard_checkpoint_failures_total", "Checkpoint saves that failed.", L, registry=r)
-        self.restarts = Counter(
-            "gradyard_restarts_total", "Worker-group restarts before this process started.", L, registry=r)
+        self.restarts = Gauge(
+            "gradyard_restarts", "Worker-group restarts of this run before this process started.", L, registry=r)
+        self.observer_errors = Gauge(
+            "gradyard_observer_errors", "Failures of best-effort components (telemetry, analysis) in this "
+            "process, by component; training went on.", L + ("component",), registry=r)
 
         # -- analysis hook (set_regime)
         self.regime = Gauge(

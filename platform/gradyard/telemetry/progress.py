@@ -1,5 +1,10 @@
 """Training progress: steps, samples, loss, checkpoint stalls and failures, restarts.
 
+Checkpoint counts and stalls come from the checkpoint events themselves:
+``CHECKPOINT_SAVED`` (rank 0, when a checkpoint became durable or failed for
+good) counts it and records its stall; other ranks, which write nothing,
+record their own stall when the checkpoint is taken (``CHECKPOINT``).
+
 The loss is read without a CPU-GPU sync: at BATCH_END it is copied into
 pinned host memory with ``non_blocking=True`` and an event is recorded; a
 later BATCH_END reads the host copy once the event has completed.  (A plain
@@ -48,13 +53,14 @@ class _LossReader:
 
 class ProgressMonitor(Callback):
     name = "progress_monitor"
-    events = frozenset((Event.BATCH_END, Event.CHECKPOINT_SAVED, Event.FIT_START, Event.FIT_END))
+    critical = False
+    events = frozenset((Event.BATCH_END, Event.CHECKPOINT, Event.CHECKPOINT_SAVED, Event.FIT_START,
+                        Event.FIT_END))
 
     def __init__(self, metrics: TelemetryMetrics):
         self.metrics = metrics
         self._loss: Optional[_LossReader] = None
-        self._seen_saves = 0
-        self._seen_failures = 0
+        self._observer_errors = 0
 
     def on_event(self, event: Event, state: Any) -> None:
         m = self.metrics
@@ -63,16 +69,21 @@ class ProgressMonitor(Callback):
             m.child(m.samples).inc(int(state.batch_size))
             self._loss.push(getattr(state, "loss", None))
             self._export_loss()
-            self._checkpoints(state)
+            self._observers(state)
         elif event is Event.CHECKPOINT_SAVED:
-            self._checkpoints(state)
+            result = state.checkpoint_result
+            m.child(m.checkpoints if result.ok else m.checkpoint_failures).inc()
+            self._stall(result.blocked_s)
+        elif event is Event.CHECKPOINT:
+            if state.rank != 0:  # rank 0 reports its stall with the save, once durable
+                self._stall(state.checkpoint_result.blocked_s)
         elif event is Event.FIT_START:
             self._start(state)
         elif event is Event.FIT_END:
             if self._loss is not None:
                 self._loss.poll(wait=True)
                 self._export_loss()
-            self._checkpoints(state)
+            self._observers(state)
 
     def _start(self, state: Any) -> None:
         m = self.metrics
@@ -83,32 +94,22 @@ class ProgressMonitor(Callback):
         m.child(m.samples).inc(0)
         m.child(m.checkpoints).inc(0)
         m.child(m.checkpoint_failures).inc(0)
-        m.child(m.restarts).inc(int(getattr(state, "restarts", 0) or 0))
-        stats = getattr(state, "checkpoint_stats", None) or {}
-        # Counts from before this process (a resumed run) are not this process's.
-        self._seen_saves = int(stats.get("saved_total", 0) or 0)
-        self._seen_failures = int(stats.get("failures_total", 0) or 0)
+        m.child(m.restarts).set(int(getattr(state, "restarts", 0) or 0))
 
     def _export_loss(self) -> None:
         if self._loss is not None and self._loss.value is not None and math.isfinite(self._loss.value):
             self.metrics.child(self.metrics.loss).set(self._loss.value)
 
-    def _checkpoints(self, state: Any) -> None:
-        stats = getattr(state, "checkpoint_stats", None)
-        if not stats:
-            return
+    def _stall(self, blocked_s: float) -> None:
         m = self.metrics
-        saves = int(stats.get("saved_total", 0) or 0)
-        failures = int(stats.get("failures_total", 0) or 0)
-        new_saves, new_failures = saves - self._seen_saves, failures - self._seen_failures
-        if new_saves <= 0 and new_failures <= 0:
+        m.child(m.checkpoint_blocked).observe(float(blocked_s))
+        m.child(m.checkpoint_last_blocked).set(float(blocked_s))
+
+    def _observers(self, state: Any) -> None:
+        """Failures of best-effort callbacks (telemetry itself, analysis) so far, by component."""
+        errors = getattr(state, "observer_errors", None)
+        if not errors or sum(errors.values()) == self._observer_errors:
             return
-        self._seen_saves, self._seen_failures = saves, failures
-        if new_saves > 0:
-            m.child(m.checkpoints).inc(new_saves)
-        if new_failures > 0:
-            m.child(m.checkpoint_failures).inc(new_failures)
-        blocked = stats.get("last_blocked_seconds")
-        if blocked is not None:
-            m.child(m.checkpoint_blocked).observe(float(blocked))
-            m.child(m.checkpoint_last_blocked).set(float(blocked))
+        self._observer_errors = sum(errors.values())
+        for name, n in errors.items():
+            self.metrics.child(self.metrics.observer_errors, component=name).set(n)

@@ -79,6 +79,7 @@ class ResourceMonitor(Callback):
     """Registers the scrape-time collector at FIT_START; releases NVML at close."""
 
     name = "resource_monitor"
+    critical = False
 
     def __init__(self, metrics: TelemetryMetrics):
         self.metrics = metrics

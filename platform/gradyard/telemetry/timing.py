@@ -50,6 +50,7 @@ class StepTimer(Callback):
     """Times the phases of every step and exports them (see the module docstring)."""
 
     name = "step_timer"
+    critical = False
     events = frozenset((*_MARKED, Event.FIT_START, Event.FIT_END))
 
     def __init__(self, metrics: TelemetryMetrics, *, comm: Optional[GradSyncMonitor] = None,

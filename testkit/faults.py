@@ -1,10 +1,11 @@
 """Faults injected into real training workers, for the recovery tests and benchmarks.
 
-``run_job(..., faults={"kill_at_step": 27, "kill_rank": 1, "marker": PATH})``
-makes that rank SIGKILL its own process right after optimizer step 27, once:
-the marker file records each kill, so the restarted worker goes on.  A list
-(``"kill_at_step": [25, 45, 65]``) kills once at each of those steps, so one
-run measures several recoveries.  The marker is a log, one line per event:
+Tests pass them in explicitly: ``run_job(spec, callbacks=[KillAtStep(27, rank=1,
+marker=PATH)])`` makes that rank SIGKILL its own process right after optimizer
+step 27, once: the marker file records each kill, so the restarted worker goes
+on.  A list (``KillAtStep([25, 45, 65], ...)``) kills once at each of those
+steps, so one run measures several recoveries.  Nothing in a production run
+reads a fault setting.  The marker is a log, one line per event:
 
     <time.time()> kill step=<step> pid=<pid>         the rank about to SIGKILL itself
     <time.time()> first_step step=<step> pid=<pid>   rank 0's first step of each attempt
@@ -16,9 +17,15 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
+import cloudpickle
+
 from gradyard.events import Callback, Event
+
+# Ray workers need not import this package (it is not installed): its callbacks travel by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def read_marker(path: str) -> list[dict]:
@@ -48,6 +55,7 @@ def _append(path: str, event: str, step: int) -> None:
 
 class KillAtStep(Callback):
     name = "fault_kill"
+    events = frozenset((Event.BATCH_END,))
 
     def __init__(self, steps: int | list[int], rank: int, marker: str):
         self.steps = {int(s) for s in (steps if isinstance(steps, (list, tuple)) else [steps])}
@@ -55,8 +63,6 @@ class KillAtStep(Callback):
         self._first = True
 
     def on_event(self, event: Event, state) -> None:
-        if event is not Event.BATCH_END:
-            return
         if self._first and state.rank == 0:
             self._first = False
             _append(self.marker, "first_step", state.step)
@@ -71,20 +77,10 @@ class SlowSteps(Callback):
     """Sleeps after every step, to stretch a tiny run over an outage window."""
 
     name = "fault_slow"
+    events = frozenset((Event.BATCH_END,))
 
     def __init__(self, seconds: float):
         self.seconds = seconds
 
     def on_event(self, event: Event, state) -> None:
-        if event is Event.BATCH_END:
-            time.sleep(self.seconds)
-
-
-def build_fault_callbacks(faults: dict) -> list[Callback]:
-    cbs: list[Callback] = []
-    if "kill_at_step" in faults:
-        cbs.append(KillAtStep(faults["kill_at_step"], int(faults.get("kill_rank", 0)),
-                              faults["marker"]))
-    if faults.get("sleep_per_step"):
-        cbs.append(SlowSteps(float(faults["sleep_per_step"])))
-    return cbs
+        time.sleep(self.seconds)

@@ -3,12 +3,16 @@
 Modes, switchable while it runs:
 - ``fail_rate``: share of requests answered with HTTP 500/503 or a dropped
   connection (``fail_kinds`` picks among ``"500"``, ``"503"``, ``"drop"``);
+  ``fail_methods`` limits it to some methods (e.g. ``{"GET"}`` for reads);
 - ``outage``: every request is refused (connection closed) until cleared;
 - ``deny_writes``: writes (PUT, POST, DELETE) get 403 AccessDenied, as with
-  read-only credentials.
+  read-only credentials; ``deny_writes_matching`` does it only for paths that
+  contain that string (one checkpoint, say).
 
-Counters (``requests``, ``failed``, ``forwarded`` and ``methods``) let tests
-check that faults really happened, and which requests a client made.  Binds to 127.0.0.1 only.
+Counters (``requests``, ``failed``, ``forwarded``, ``methods`` and
+``bytes_out``, the bytes of GET answers) let tests check that faults really
+happened and which requests a client made; ``uploading`` is set while a PUT
+is being forwarded.  Binds to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -32,7 +36,11 @@ class FaultProxy:
         self.fail_kinds = tuple(fail_kinds)
         self.outage = False
         self.deny_writes = False
-        self.requests = self.failed = self.forwarded = 0
+        self.deny_writes_matching: str | None = None
+        self.fail_methods: set[str] | None = None
+        self.requests = self.failed = self.forwarded = self.bytes_out = 0
+        self.uploads_in_flight = 0
+        self.uploading = threading.Event()
         self.methods: Counter[str] = Counter()
         """Requests forwarded, by HTTP method (GET also lists; POST is a bulk delete)."""
         self._rng = random.Random(seed)
@@ -61,7 +69,7 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
-                verdict = proxy._decide(self.command)
+                verdict = proxy._decide(self.command, self.path)
                 if verdict == "drop":
                     self.close_connection = True
                     self.connection.close()
@@ -81,15 +89,22 @@ class FaultProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
                 if body or self.command in ("PUT", "POST"):
                     headers["Content-Length"] = str(len(body))
+                upload = self.command == "PUT" and len(body) > 0
+                if upload:
+                    proxy._upload(+1)
                 try:
                     conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
                 finally:
                     conn.close()
+                    if upload:
+                        proxy._upload(-1)
                 with proxy._lock:
                     proxy.forwarded += 1
                     proxy.methods[self.command] += 1
+                    if self.command == "GET":
+                        proxy.bytes_out += len(data)
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     # HEAD answers carry the object's length with no body: pass it on.
@@ -112,16 +127,26 @@ class FaultProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _decide(self, method: str) -> str:
+    def _upload(self, delta: int) -> None:
+        with self._lock:
+            self.uploads_in_flight += delta
+            if self.uploads_in_flight > 0:
+                self.uploading.set()
+            else:
+                self.uploading.clear()
+
+    def _decide(self, method: str, path: str = "") -> str:
         with self._lock:
             self.requests += 1
-            if self.deny_writes and method in ("PUT", "POST", "DELETE"):
+            writes = method in ("PUT", "POST", "DELETE")
+            if writes and (self.deny_writes or (self.deny_writes_matching and self.deny_writes_matching in path)):
                 self.failed += 1
                 return "403"
             if self.outage:
                 self.failed += 1
                 return "drop"
-            if self.fail_rate and self._rng.random() < self.fail_rate:
+            if (self.fail_rate and (self.fail_methods is None or method in self.fail_methods)
+                    and self._rng.random() < self.fail_rate):
                 self.failed += 1
                 return self._rng.choice(self.fail_kinds)
             return "ok"

@@ -8,10 +8,16 @@ optimizer, checkpoints and summary.
 
 from __future__ import annotations
 
+import sys
+
+import cloudpickle
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers need not import testkit
+
 
 def run_each(config: dict) -> None:
     """Ray Train ``train_loop_per_worker``: ``config["runs"]`` is a list of worker configs."""
-    from gradyard.train import run_worker
+    from gradyard.worker import run_worker
 
     for run in config["runs"]:
         run_worker(run)
