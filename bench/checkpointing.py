@@ -8,11 +8,11 @@ round:
 1. trains 2 steps (the mean step time);
 2. checkpoints to local disk and then to S3 (moto) exactly as gradyard's
    CheckpointCallback does on rank 0 (copy state to host memory, hand it to the
-   background CheckpointWriter), timing how long training is blocked, and
+   background writer, gradyard.checkpoint.CheckpointStore), timing how long training is blocked, and
    waiting for each write to finish (nothing trains in between, so both
    checkpoints hold the same bytes);
 3. uploads the local checkpoint's files with a plain s3fs ``put`` to the same
-   endpoint: the CheckpointWriter's bytes per second (serialise, sha256,
+   endpoint: the checkpoint writer's bytes per second (serialise, sha256,
    upload, manifest, retention) against the put's, in the same round.
 
 It also counts the CPU each background write costs: this process's (the

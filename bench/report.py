@@ -13,7 +13,7 @@ LABELS = {
     "gradyard_local_glibc_defaults": "gradyard → local disk, glibc malloc defaults",
     "gradyard": "gradyard",
     "s3fs_put": "plain s3fs put",
-    "checkpoint_writer": "gradyard CheckpointWriter",
+    "checkpoint_writer": "gradyard checkpoint writer",
     "on": "telemetry on",
     "off": "telemetry off",
 }
@@ -247,7 +247,7 @@ def _checkpoint(b: dict, doc: dict) -> list[str]:
            f"thread, batch {b['batch']}: mean step {fmt(b['step_seconds'], unit=' s')}. Each round "
            "trains 2 steps, then checkpoints to local disk and to S3 exactly as gradyard's "
            "CheckpointCallback does on rank 0 (state copied to host memory and handed to the "
-           "background CheckpointWriter), waiting for each write to finish.", "",
+           "background writer), waiting for each write to finish.", "",
            "| storage | training blocked per checkpoint / mean step | blocked per checkpoint "
            "| background write |", "|---|---|---|---|"]
     for kind, r in b["by_storage"].items():
@@ -257,12 +257,12 @@ def _checkpoint(b: dict, doc: dict) -> list[str]:
     bps = u["bytes_per_second"]
     mb = lambda s: {k: (v / 1e6 if isinstance(v, float) else v) for k, v in s.items()}  # noqa: E731
     out += ["", "**Upload throughput** to the same moto endpoint, in the same rounds: the "
-                "CheckpointWriter writing the snapshot to S3 (serialise, sha256, upload, manifest, "
+                "checkpoint writer writing the snapshot to S3 (serialise, sha256, upload, manifest, "
                 "retention) vs a plain s3fs `put` of the very files it wrote to local disk "
                 f"({u['bytes'] / 1e9:.3f} GB).", "",
             "| contender | MB/s, median (min–max) | ratio |", "|---|---|---|",
             f"| plain s3fs put | {fmt(mb(bps['s3fs_put']))} | 1 |",
-            f"| gradyard CheckpointWriter | {fmt(mb(bps['checkpoint_writer']))} | {_ratio(u['ratio'])} |"]
+            f"| gradyard checkpoint writer | {fmt(mb(bps['checkpoint_writer']))} | {_ratio(u['ratio'])} |"]
     out += _commands(u.get("commands", {}))
     out += _checkpoint_cpu(b)
     return out

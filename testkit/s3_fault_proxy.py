@@ -41,6 +41,8 @@ class FaultProxy:
         self.requests = self.failed = self.forwarded = self.bytes_out = 0
         self.uploads_in_flight = 0
         self.uploading = threading.Event()
+        self.manifests = 0
+        """Checkpoint manifests PUT (each one a published checkpoint)."""
         self.methods: Counter[str] = Counter()
         """Requests forwarded, by HTTP method (GET also lists; POST is a bulk delete)."""
         self._rng = random.Random(seed)
@@ -103,6 +105,8 @@ class FaultProxy:
                 with proxy._lock:
                     proxy.forwarded += 1
                     proxy.methods[self.command] += 1
+                    if self.command == "PUT" and self.path.split("?")[0].endswith("/manifest.json") and resp.status < 300:
+                        proxy.manifests += 1
                     if self.command == "GET":
                         proxy.bytes_out += len(data)
                 self.send_response(resp.status, resp.reason)
@@ -118,7 +122,11 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # a client gone mid-request (a killed worker)
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -94,7 +94,7 @@ def test_profile_keeps_one_off_census_out_of_the_loop_shares():
         f"{top};Trainer.train_step (gradyard/trainer.py:280);Tensor.backward (torch/_tensor.py:600);"
         "GradSyncMonitor._hook (gradyard/telemetry/comm.py:190);allreduce_and_wait (gradyard/telemetry/comm.py:78) 7",
         f"{top};Trainer.fire (gradyard/trainer.py:240);GradSyncMonitor.on_event (gradyard/telemetry/comm.py:150) 2",
-        'process 7:"ray::RayTrainWorker";writer;CheckpointWriter._run (gradyard/checkpoint.py:277) 3',
+        'process 7:"ray::RayTrainWorker";writer;BackgroundWriter._run (gradyard/checkpoint/writer.py:210) 3',
     ])
     got = parse_raw(raw)
     cats = {k: v["samples"] for k, v in got["categories"].items()}

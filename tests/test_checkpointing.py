@@ -58,55 +58,8 @@ def test_sigkill_mid_epoch_resumes_bitwise_identical(ray_cluster, tmp_path):
     assert resumed["metrics"]["test_accuracy"] == reference["metrics"]["test_accuracy"]
 
 
-# ------------------------------------------------------------------ S3
-
-
-@pytest.fixture
-def bucket_url(s3, request):
-    return f"s3://gradyard-test/{request.node.name[:40]}-{int(time.time() * 1000)}"
-
-
-def _objects(s3, prefix: str) -> dict[str, bytes]:
-    client = boto3.client("s3", endpoint_url=s3.endpoint)
-    bucket, _, key = prefix[len("s3://"):].partition("/")
-    out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-        for obj in page.get("Contents", []):
-            out[obj["Key"]] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-    return out
-
-
-def test_s3_run_resume_and_no_credentials_anywhere(ray_cluster, s3, bucket_url, tmp_path):
-    env = {"AWS_ENDPOINT_URL_S3": s3.endpoint}
-    args = ["run", str(JOBS / "circles.yaml"), "--address", ray_cluster.address,
-            "--storage", bucket_url, "--set", "schedule.epochs=2", "--set", "checkpoint.every_steps=7"]
-    first = run_cli(*args, env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    again = run_cli(*args[:-4], "--set", "schedule.epochs=3", "--set", "checkpoint.every_steps=7",
-                    env=env)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from checkpoint at step 26" in again.stdout + again.stderr
-
-    objects = _objects(s3, bucket_url)
-    summary = json.loads(objects[f"{bucket_url.split('/', 3)[3]}/circles/summary.json"])
-    assert summary["steps"] == 39 and summary["restarts"] == 1
-    storage = open_storage(bucket_url + "/circles", endpoint_url=s3.endpoint)
-    assert [c.status for c in list_checkpoints(storage)][-1] == "complete"
-    # Ray Train's own run state lives in the same storage.
-    assert any("/circles/" in k and not k.split("/circles/")[1].startswith(
-        ("checkpoints", "summary.json", "attempts.json", "telemetry", "analysis")) for k in objects)
-
-    listing = run_cli("checkpoints", bucket_url + "/circles", env=env, timeout=120)
-    assert listing.returncode == 0 and "complete" in listing.stdout
-
-    texts = [first.stdout, first.stderr, again.stdout, again.stderr, listing.stdout]
-    texts += [blob.decode("latin-1") for blob in objects.values()]
-    for log in Path(ray_cluster.temp_dir).rglob("*"):
-        if log.is_file() and log.stat().st_size < 50_000_000:
-            texts.append(log.read_bytes().decode("latin-1"))
-    for text in texts:
-        assert TEST_SECRET_KEY not in text
-        assert TEST_ACCESS_KEY not in text
+# ------------------------------------------------------------------ S3 (a run and its resume, through
+# the CLI and Ray, is in test_security, which also greps all it leaves for secrets)
 
 
 @pytest.mark.parametrize("case", ["unreachable", "no-bucket", "read-only"])

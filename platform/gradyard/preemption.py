@@ -42,6 +42,9 @@ class PreemptionNotice:
         self._requested = threading.Event()
         self._saved = threading.Event()
         self._timer: Optional[threading.Timer] = None
+        self._finished = False
+        self.previous: Any = signal.SIG_DFL
+        """The handler this one replaced: what a SIGTERM does once training is over."""
 
     @property
     def requested(self) -> bool:
@@ -85,13 +88,25 @@ class PreemptionNotice:
 
     # -------------------------------------------------------------- installing
 
+    def finished(self) -> None:
+        """Training is over (done or failed): a SIGTERM now is the launcher shutting the worker down."""
+        self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+
     def _handler(self, signum: int, frame: Any) -> None:
+        if self._finished:
+            if callable(self.previous):
+                self.previous(signum, frame)
+            elif self.previous != signal.SIG_IGN:
+                os._exit(EXIT_PREEMPTED)
+            return
         self.request(signal.Signals(signum).name)
 
     def install(self, launcher: str) -> bool:
         """Catch SIGTERM in this process; True when the handler is in place."""
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._handler)
+            self.previous = signal.signal(signal.SIGTERM, self._handler)
             return True
         if launcher == "ray":
             try:
@@ -109,7 +124,8 @@ class PreemptionNotice:
 
 def _install_on_main(actor_self: Any) -> None:
     """Runs on the Ray worker actor's main thread (``__ray_call__``): set this process's handler."""
-    signal.signal(signal.SIGTERM, _PROCESS_NOTICE[0]._handler)
+    notice = _PROCESS_NOTICE[0]
+    notice.previous = signal.signal(signal.SIGTERM, notice._handler)
 
 
 _PROCESS_NOTICE: list[Optional[PreemptionNotice]] = [None]

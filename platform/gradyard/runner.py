@@ -134,6 +134,7 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, storage_url: Option
     try:
         preflight_data(spec)
         base = open_storage(storage_url or spec.storage.url, spec.storage.endpoint_url, spec.storage.region)
+        embedded = False
         if not ray.is_initialized():
             if address:
                 ray.init(address=address, log_to_driver=True)
@@ -145,13 +146,16 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, storage_url: Option
                 # placement-group cleaner polls; loopback only.
                 ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                          log_to_driver=True)
+                embedded = True
         preflight_placement(spec, run)
 
         def make_trainer() -> TorchTrainer:
             return TorchTrainer(
                 run_worker,
                 train_loop_config={"spec": spec.model_dump(mode="json"), "storage": run.spec(),
-                                   "launcher": "ray", "lease": keeper.token, "callbacks": callbacks or []},
+                                   "launcher": "ray", "lease": keeper.token, "callbacks": callbacks or [],
+                                   # An embedded cluster is this machine alone: serve metrics on loopback.
+                                   "metrics_host": "127.0.0.1" if embedded else None},
                 scaling_config=scaling_config(spec),
                 run_config=RunConfig(
                     name=spec.name,

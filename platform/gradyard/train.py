@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     try:
         spec = load_job(args.job, args.overrides)
         if info.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if spec.scaling.use_gpu and torch.cuda.is_available() else "gloo")
+            init_process_group("nccl" if spec.scaling.use_gpu and torch.cuda.is_available() else "gloo")
         problem = None
         if info.rank == 0:
             try:
@@ -81,6 +81,20 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
             keeper.release()
         shutdown_process_group()
     return 1 if failed else 0
+
+
+def init_process_group(backend: str) -> None:
+    """The default process group, its keys under this attempt's own prefix in the store.
+
+    torchrun's agent keeps one store across the restarts of a worker group (``--standalone``, or an
+    agent-hosted store), and the process group's keys carry no attempt: a restarted rank could read a
+    dead predecessor's address and wait on it for the whole init timeout.  A prefix per restart
+    (``TORCHELASTIC_RESTART_COUNT``) keeps every attempt to its own keys.
+    """
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"gradyard/attempt_{attempt}/", store),
+                            rank=rank, world_size=world_size)
 
 
 def shutdown_process_group() -> None:

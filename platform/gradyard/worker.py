@@ -32,6 +32,8 @@ from gradyard.hostmem import tune_host_allocator
 from gradyard.job import JobSpec
 from gradyard.preemption import PreemptionNotice
 from gradyard.storage import Storage, check_storage, open_storage, redact, storage_from_spec
+from gradyard.storage.urls import ALLOWED
+from gradyard.storage.urls import problem as url_problem
 from gradyard.trainer import DistInfo, Trainer
 from gradyard.watchdog import HangWatchdog
 
@@ -58,6 +60,10 @@ def dist_info(launcher: str) -> DistInfo:
 
 def run_directory(spec: JobSpec, storage_url: Optional[str] = None, check: bool = True) -> Storage:
     """The run directory ``<storage>/<job name>``; ``check`` first proves the storage writable."""
+    if storage_url is not None and url_problem(storage_url):
+        from gradyard.job import JobError
+
+        raise JobError(f"--storage: {url_problem(storage_url)} (allowed: {ALLOWED})")
     base = open_storage(storage_url or spec.storage.url, spec.storage.endpoint_url, spec.storage.region)
     if check:
         check_storage(base)
@@ -98,14 +104,15 @@ class RayReportCallback(Callback):
 
 
 def build_callbacks(spec: JobSpec, storage: Storage, info: DistInfo, launcher: str,
-                    extra: Optional[list[Callback]] = None) -> list[Callback]:
+                    extra: Optional[list[Callback]] = None, metrics_host: Optional[str] = None) -> list[Callback]:
     """Progress, telemetry, analysis, the caller's extra callbacks, Ray's report, in firing order."""
     cbs: list[Callback] = [ProgressCallback()]
     if spec.telemetry.enabled:
         from gradyard.analysis.live import live_analysis
         from gradyard.telemetry import StepTimer, build_telemetry_callbacks, find_metrics
 
-        telemetry = build_telemetry_callbacks(spec, host=info.node_ip if launcher == "ray" else None,
+        host = metrics_host or (info.node_ip if launcher == "ray" else None)
+        telemetry = build_telemetry_callbacks(spec, host=host,
                                               peak_profile=_device_profile(spec, info))
         cbs.extend(telemetry)
         timer = next((cb for cb in telemetry if isinstance(cb, StepTimer)), None)
@@ -154,7 +161,7 @@ def run_worker(config: dict) -> dict:
     preemption.install(launcher)
     manager = CheckpointManager(spec, storage, rank=info.rank, world_size=info.world_size, record=record,
                                 lease_token=config.get("lease"), preemption=preemption)
-    callbacks = build_callbacks(spec, storage, info, launcher, config.get("callbacks"))
+    callbacks = build_callbacks(spec, storage, info, launcher, config.get("callbacks"), config.get("metrics_host"))
     trainer = Trainer(spec, storage, info, record.run_id, callbacks, checkpointer=manager)
     s = trainer.state
     s.restarts = record.restarts
@@ -163,7 +170,7 @@ def run_worker(config: dict) -> dict:
         watchdog = HangWatchdog(s.progress, rank=info.rank, world_size=info.world_size,
                                 key=f"gradyard/hb/{record.run_id}/{record.attempt}", name=name,
                                 floor_s=spec.failure.hang_timeout_s, factor=spec.failure.hang_factor).start()
-    status, error = "succeeded", ""
+    status, error, stopped = "succeeded", "", None
     try:
         resumed = resume(manager, say=say if info.rank == 0 else (lambda m: None))
         s.run_id = record.run_id  # resume may have adopted a checkpoint's lineage
@@ -174,10 +181,11 @@ def run_worker(config: dict) -> dict:
     except TrainingStopped as exc:
         if exc.retry:
             raise
-        status, error = "failed", redact(str(exc))
+        status, error, stopped = "failed", redact(str(exc)), exc
         if info.rank == 0:
             say(f"error: {error}")
     finally:
+        preemption.finished()
         if watchdog is not None:
             watchdog.close()
     ranks = _gather({"rank": info.rank, "node": info.node, "node_ip": info.node_ip,
@@ -218,7 +226,12 @@ def run_worker(config: dict) -> dict:
         "checkpoints": manager.stats.to_json(),
         "ranks": ranks,
     }
-    storage.write_json(storage.join(SUMMARY), summary)
+    try:
+        storage.write_json(storage.join(SUMMARY), summary)
+    except Exception:
+        if stopped is not None:  # the storage that refused the checkpoint refuses the summary too:
+            raise stopped from None  # the run's own error is the news
+        raise
     if status == "succeeded":
         say(f"done: {json.dumps(summary['metrics'], sort_keys=True)}")
     return summary

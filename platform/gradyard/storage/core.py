@@ -118,8 +118,8 @@ class Storage:
         multipart upload), which S3 makes visible only once complete.
         """
         if self.is_local:
-            retry.call(lambda: write_local_atomically(path, data), what=f"write {self._shown_path(path)}",
-                       policy=policy)
+            retry.call(lambda: _named(path, write_local_atomically, path, data),
+                       what=f"write {self._shown_path(path)}", policy=policy)
         else:
             retry.call(lambda: self.fs.pipe_file(path, data), what=f"write {self._shown_path(path)}",
                        policy=policy)
@@ -136,7 +136,7 @@ class Storage:
             def create() -> bool:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 tmp = _temp_name(path)
-                write_local_durably(tmp, data, drop_cache=False)
+                _named(path, write_local_durably, tmp, data, drop_cache=False)
                 try:
                     os.link(tmp, path)
                     return True
@@ -192,6 +192,16 @@ class Storage:
         root = self.root_path.rstrip("/")
         rel = path[len(root):].lstrip("/") if path == root or path.startswith(root + "/") else path
         return self.shown.rstrip("/") + ("/" + rel if rel else "")
+
+
+def _named(path: str, fn, *args, **kwargs):
+    """``fn(*args)``, with an OSError that names ``path`` (its errno kept: retries decide by it)."""
+    try:
+        return fn(*args, **kwargs)
+    except OSError as exc:
+        if exc.filename or str(path) in str(exc):
+            raise
+        raise type(exc)(exc.errno, f"{exc.strerror or exc}: {path}") from exc
 
 
 def dumps(data: Any) -> bytes:
