@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: test demo bench install prometheus lint clean
+.PHONY: test test-fast demo bench install prometheus clean
 
 install: $(VENV)/.installed
 
@@ -26,8 +26,13 @@ prometheus:
 	     || echo "could not install prometheus; its tests will fail under CI=true"; \
 	  else echo "prometheus not found; install it (apt-get install prometheus) to run its tests"; fi; }
 
+# Everything CI must check, the fast lane first (tests/conftest.py orders them).
 test: install prometheus
 	$(PY) -m pytest -q tests
+
+# The fast lane alone: schema, storage, checkpoint rules, data readers, fuzzing; no cluster, no server.
+test-fast: install
+	$(PY) -m pytest -q -m "unit and not integration" tests
 
 demo: install
 	$(VENV)/bin/gradyard run jobs/mnist-lenet.yaml --fresh

@@ -62,6 +62,21 @@ def _token() -> str:
 os.environ.setdefault("RAY_AUTH_TOKEN", _token())
 
 
+SLOW_FIXTURES = {"s3", "ray_cluster", "two_nodes", "reference"}
+"""A test that needs one of these servers or clusters is not in the fast lane, whatever its marks."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Lanes: the fast lane (``-m "unit and not integration"``, seconds) runs first so a failure shows
+    early; `make test-fast` runs it alone.  Then the rest, in file order."""
+    for item in items:
+        if item.get_closest_marker("unit") and SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+    fast = [i for i in items if i.get_closest_marker("unit") and not i.get_closest_marker("integration")]
+    chosen = set(map(id, fast))
+    items[:] = fast + [i for i in items if id(i) not in chosen]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     cluster = RayCluster().start()

@@ -111,6 +111,7 @@ def test_calibration_is_plausible_and_cached_by_device_name(cpu_profile, profile
 # Census
 
 
+@pytest.mark.unit
 def test_census_counts_matmul_with_flop_counter_formulas():
     n = 64
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -132,6 +133,7 @@ def test_census_counts_matmul_with_flop_counter_formulas():
     assert census_of(step, device="cpu", profile_time=False).model_flops == fc.get_total_flops()
 
 
+@pytest.mark.unit
 def test_census_classes_views_and_in_place_bytes():
     model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -364,6 +366,7 @@ def _evidence(**kw) -> Evidence:
     return Evidence(**{**base, **kw})
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kw, regime", [
     ({}, "compute"),
     ({"compute_side_s": 0.1, "memory_side_s": 0.9}, "memory"),
@@ -422,6 +425,7 @@ def test_report_writes_pictures_and_markdown(cpu_profile, tmp_path):
 # CUDA
 
 
+@pytest.mark.unit
 def test_cuda_profiler_arithmetic_busy_idle_and_exposed_nccl():
     """The CUDA branch of the profiler read-out, on a stand-in profiler (runs without a GPU)."""
     from types import SimpleNamespace as NS

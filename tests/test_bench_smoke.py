@@ -74,6 +74,7 @@ def test_every_benchmark_runs_once(tmp_path):
     assert "AKIA" not in text and "gy-bench-not-a-secret" not in text  # no S3 key on the page
 
 
+@pytest.mark.unit
 def test_profile_keeps_one_off_census_out_of_the_loop_shares():
     """The census and FLOP count of steps 1-7 precede the timed steps: not shares of the loop."""
     sys.path.insert(0, str(ROOT))
@@ -105,6 +106,7 @@ def test_profile_keeps_one_off_census_out_of_the_loop_shares():
     assert cats["gradyard: gradyard.analysis.callback (CensusCallback)"] == 4
 
 
+@pytest.mark.unit
 def test_telemetry_profile_tells_the_arms_and_telemetrys_own_code_apart():
     """The A/B profile counts each arm's thread apart; the hook's allreduce wait is backward, as without it."""
     sys.path.insert(0, str(ROOT))

@@ -278,6 +278,12 @@ class FailingObserver(Callback):
 def test_telemetry_analysis_and_discovery_failures_never_stop_training(tmp_path, monkeypatch):
     """Finding 8: a file_sd write error at FIT_START, a close() that raises (skipping the others'),
     an analysis write failure at step ~7: each killed training.  Now each is counted, and training ends."""
+    from gradyard.analysis.calibrate import DeviceProfile, device_name
+
+    # A cached device profile, so the live analysis does not calibrate this machine first.
+    monkeypatch.setenv("GRADYARD_PROFILE_DIR", str(tmp_path / "profiles"))
+    DeviceProfile(device=device_name(), device_type="cpu", peak_flops={"float32": 5e10},
+                  mem_bandwidth_bytes_per_s=1e10, dispatch_overhead_s=5e-6, quick=True).save()
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the discovery directory should be")
     monkeypatch.setenv("GRADYARD_PROMETHEUS_SD_DIR", str(blocker / "sd"))

@@ -74,7 +74,6 @@ def test_idx_wrong_magic_and_missing_files(tmp_path):
     assert str(err.value).endswith("or run with --set data.source=synthetic.")
 
 
-@pytest.mark.ray  # needs moto's server (a session fixture), not the fast lane
 def test_remote_source_is_staged_once(tmp_path, s3):
     local = tmp_path / "mnist"
     make_mnist(local, gz=True)

@@ -11,6 +11,8 @@ import sys
 import pytest
 from gradyard import hostmem
 
+pytestmark = pytest.mark.unit
+
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # Held 16 MiB block: mmapped under glibc's defaults (threshold 128 KiB at start), from the heap

@@ -28,6 +28,8 @@ import yaml
 from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+pytestmark = pytest.mark.unit
+
 from gradyard.job import load_job
 
 REPO = Path(__file__).resolve().parents[1]

@@ -142,6 +142,7 @@ def phase_sum(metrics: TelemetryMetrics) -> float:
 # ------------------------------------------------------------------ units
 
 
+@pytest.mark.unit
 def test_union_and_overlap():
     assert union_seconds([(0, 1), (0.5, 2), (3, 4)]) == pytest.approx(3.0)
     assert union_seconds([(0, 1), (0.5, 2)], lo=1.5) == pytest.approx(0.5)
@@ -160,6 +161,7 @@ def test_union_and_overlap():
     assert bus_bandwidth(10.0, 8) == pytest.approx(17.5)
 
 
+@pytest.mark.unit
 def test_peak_flops_table_and_profile(monkeypatch):
     assert peak_flops("cpu", "fp32") is None
     assert peak_flops("cpu", "fp32", profile={"fp32": 1e11}) == 1e11
@@ -240,6 +242,7 @@ def test_mfu_with_calibrated_profile(tmp_path):
     assert sample(m, "gradyard_peak_flops_per_second") == 1e12
 
 
+@pytest.mark.unit
 def test_set_regime_keeps_one_series():
     m = TelemetryMetrics()
     m.bind({"job": "j", "run": "r", "rank": "0", "node": "n", "device": "cpu"})
@@ -252,6 +255,7 @@ def test_set_regime_keeps_one_series():
     assert m.current_regime == "compute_bound"
 
 
+@pytest.mark.unit
 def test_exporter_refuses_a_discovery_directory_others_can_write(tmp_path):
     """Another local user must not be able to add, replace or remove Prometheus targets."""
     from gradyard.telemetry.exporter import DiscoveryDirError, private_dir
@@ -267,6 +271,7 @@ def test_exporter_refuses_a_discovery_directory_others_can_write(tmp_path):
         private_dir(tmp_path / "link" / "sd")
 
 
+@pytest.mark.unit
 def test_exporter_serves_and_cleans_up(tmp_path):
     m = TelemetryMetrics()
     m.bind({"job": "exp", "run": "r9", "rank": "0", "node": "n", "device": "cpu"})
@@ -290,6 +295,7 @@ def test_exporter_serves_and_cleans_up(tmp_path):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
+@pytest.mark.unit
 def test_nvml_absent_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -305,6 +311,7 @@ def _promtool() -> str:
     return tool
 
 
+@pytest.mark.unit
 def test_promtool_checks_config_and_rules():
     tool = _promtool()
     for args in (["check", "rules", str(RULES)], ["check", "config", str(PROM_CONFIG)]):
@@ -320,6 +327,7 @@ def dashboard_panels(dash: dict) -> list[dict]:
     return [p for p in panels if p.get("targets")]
 
 
+@pytest.mark.unit
 def test_dashboard_shape():
     dash = json.loads(DASHBOARD.read_text())
     assert dash["title"] == "GPU efficiency"
