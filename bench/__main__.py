@@ -18,12 +18,12 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import checkpointing, recovery, report, startup, submission, telemetry, throughput
+from bench import checkpointing, faults, recovery, report, startup, submission, telemetry, throughput
 from bench.env import ROOT, Bench, calibrate_once, machine, versions
 from bench.settings import FULL, QUICK, SMOKE
 
 # Telemetry after throughput (it may share its rounds); start-up last (it stops the shared cluster).
-BENCHMARKS = [throughput, telemetry, checkpointing, recovery, submission, startup]
+BENCHMARKS = [throughput, telemetry, checkpointing, recovery, faults, submission, startup]
 NAMES = [b.NAME for b in BENCHMARKS]
 
 

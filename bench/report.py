@@ -314,6 +314,20 @@ def _recovery(b: dict, doc: dict) -> list[str]:
             "", f"Command: `{b['command']}`"]
 
 
+def _faults(b: dict, doc: dict) -> list[str]:
+    return [f"Plain torchrun, 2 gloo workers (circles, slow steps, a checkpoint every {b['checkpoint_every']} "
+            f"steps to local disk). Rank 1 is SIGSTOPped (hang bound: the floor, "
+            f"`failure.hang_timeout_s: {b['hang_floor_seconds']:g}`, since these steps are short), or "
+            f"SIGTERMed (checkpoints of steps {', '.join(map(str, b['sigterm_steps']))}, each then the resumed "
+            "step). Not a comparison: absolute times, on this machine's clock.", "",
+            "| interval | seconds, median (min–max) |", "|---|---|",
+            f"| SIGSTOP → \"hang detected\" report naming rank 1 | {fmt(b['hang_detect_seconds'])} |",
+            f"| SIGSTOP → the restarted group resumes | {fmt(b['hang_to_resumed_seconds'])} |",
+            f"| SIGTERM → the checkpoint of the step in progress is durable | {fmt(b['sigterm_to_durable_seconds'])} |",
+            f"| SIGTERM → the restarted group resumes from it | {fmt(b['sigterm_to_resumed_seconds'])} |",
+            "", f"Command: `{b['command']}`"]
+
+
 def _telemetry(b: dict, doc: dict) -> list[str]:
     r, wl = b["step_time_ratio_on_over_off"], b["workload"]
     st = b["step_seconds"]
@@ -414,6 +428,7 @@ SECTIONS = [
     ("throughput", "1. Training throughput", _throughput),
     ("checkpoint", "2. Checkpoints of AlexNet-sized state", _checkpoint),
     ("recovery", "2c. Recovery after a worker's SIGKILL", _recovery),
+    ("faults", "2d. A hang, and a SIGTERM", _faults),
     ("telemetry", "3. Telemetry overhead", _telemetry),
     ("submit", "4. Submission latency", _submit),
     ("startup", "5. Start-up on an embedded cluster", _startup),

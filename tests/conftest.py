@@ -9,7 +9,6 @@ CLI tests pass ``--address``.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from testkit import MotoServer, RayCluster, free_port  # noqa: F401 - re-exported for the tests
+from testkit import MotoServer, RayCluster  # noqa: F401 - RayCluster is re-exported for the tests
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT
 
-ALL = ["throughput", "telemetry", "checkpoint", "recovery", "submit", "startup"]
+ALL = ["throughput", "telemetry", "checkpoint", "recovery", "faults", "submit", "startup"]
 
 
 @pytest.mark.parametrize("job", ["fashion-cnn", "alexnet"])

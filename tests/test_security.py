@@ -42,8 +42,9 @@ def _objects(s3, prefix: str) -> dict[str, bytes]:
 
 
 def test_no_secret_reaches_output_logs_metrics_summaries_or_checkpoints(ray_cluster, s3, tmp_path):
-    """A run and its resume on S3, failed runs with credentials in their URLs, a submitted job's status
-    and logs: none shows the AWS keys, the profile's keys, the URL's password or the Ray token."""
+    """A run on S3, its resume as a submitted job (scraped while it trains), failed runs with credentials
+    in their URLs, the job's status and logs: none shows the AWS keys, the profile's keys, the URL's
+    password or the Ray token."""
     creds = tmp_path / "aws-credentials"
     creds.write_text(f"[default]\naws_access_key_id = {PROFILE_KEY}\naws_secret_access_key = {PROFILE_SECRET}\n")
     sd = Path(os.environ["GRADYARD_PROMETHEUS_SD_DIR"])  # where the session cluster's workers register
@@ -67,13 +68,6 @@ def test_no_secret_reaches_output_logs_metrics_summaries_or_checkpoints(ray_clus
         except Exception as exc:  # noqa: BLE001 - asserted below
             scraped.append(f"SCRAPE FAILED {exc!r}")
 
-    t = threading.Thread(target=scrape, daemon=True)
-    t.start()
-    again = run_cli(*args, "--set", "schedule.epochs=6", env=env)
-    t.join(timeout=60)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from checkpoint at step 26" in again.stdout + again.stderr
-    assert scraped and not scraped[0].startswith("SCRAPE FAILED") and "gradyard_steps_total" in scraped[0], scraped
 
     # Failed runs: credentials in the URL are refused before anything starts, without being echoed.
     bad = [run_cli("run", str(JOBS / "circles.yaml"), "--storage", f"s3://AKIAX:{URL_SECRET}@gradyard-test/x",
@@ -89,11 +83,17 @@ def test_no_secret_reaches_output_logs_metrics_summaries_or_checkpoints(ray_clus
             "unsupported scheme" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
 
-    # A submitted job: its status and logs.
-    sub = run_cli("submit", "jobs/circles.yaml", "--address", ray_cluster.dashboard, "--wait", "--set",
-                  "schedule.epochs=1", "--storage", str(tmp_path / "runs"), "--set", "storage.shared=true",
-                  env=env, timeout=300)
+    # The same job submitted to the cluster resumes the run (same storage), scraped while it trains;
+    # then its status and logs.
+    t = threading.Thread(target=scrape, daemon=True)
+    t.start()
+    sub = run_cli("submit", "jobs/circles.yaml", "--address", ray_cluster.dashboard, "--wait", "--storage", url,
+                  "--set", "checkpoint.every_steps=7", "--set", "schedule.epochs=6",
+                  "--set", f"storage.endpoint_url={s3.endpoint}", env=env, timeout=300)
+    t.join(timeout=60)
     assert sub.returncode == 0, sub.stderr[-3000:]
+    assert "resumed from checkpoint at step 26" in sub.stdout
+    assert scraped and not scraped[0].startswith("SCRAPE FAILED") and "gradyard_steps_total" in scraped[0], scraped
     job_id = sub.stdout.strip().splitlines()[0]
     status = run_cli("status", job_id, "--address", ray_cluster.dashboard, timeout=60)
     logs = run_cli("logs", job_id, "--address", ray_cluster.dashboard, timeout=60)
@@ -107,14 +107,11 @@ def test_no_secret_reaches_output_logs_metrics_summaries_or_checkpoints(ray_clus
     assert summary["spec"]["storage"]["url"] == "./runs"  # the spec is stored, redacted
     assert [c.status for c in list_checkpoints(open_storage(url + "/circles", endpoint_url=s3.endpoint))][-1] == COMPLETE
 
-    texts = {"first run": first.stdout + first.stderr, "resumed run": again.stdout + again.stderr,
-             "metrics": "\n".join(scraped), "submit": sub.stdout + sub.stderr,
+    texts = {"first run": first.stdout + first.stderr, "metrics": "\n".join(scraped),
+             "submitted, resumed run": sub.stdout + sub.stderr,
              "status": status.stdout + status.stderr, "logs": logs.stdout + logs.stderr}
     texts.update({f"failed run {i}": r.stdout + r.stderr for i, r in enumerate(bad)})
     texts.update({f"s3://{k}": blob.decode("latin-1") for k, blob in objects.items()})
-    for f in (tmp_path / "runs").rglob("*"):
-        if f.is_file():
-            texts[str(f)] = f.read_bytes().decode("latin-1")
     for log in Path(ray_cluster.temp_dir).rglob("*"):
         # Not the uploaded copies of the submitted working directory (these tests' own sources).
         if log.is_file() and log.stat().st_size < 50_000_000 and "working_dir_files" not in log.parts:

@@ -131,11 +131,15 @@ class HangWatchdog:
                 "elapsed": time.monotonic() - p.since, "bound": p.bound(self.floor_s, self.factor)}
 
     def _run(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        # The first heartbeat goes out at once: a rank stopped before its first interval would otherwise
+        # read as "no heartbeat at all" (never started) rather than "heartbeat stopped", and not be ended.
+        while True:
             try:
                 self.check()
             except Exception as exc:  # noqa: BLE001 - the watchdog must never take training down by mistake
                 log.debug("watchdog check failed: %s", exc)
+            if self._stop.wait(HEARTBEAT_S):
+                return
 
     def check(self) -> Optional[str]:
         """One round: publish this rank's heartbeat; report a hang if there is one."""
