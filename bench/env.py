@@ -177,7 +177,7 @@ class Bench:
     def sweep(self) -> None:
         """End whatever contenders left running (an embedded cluster's processes), not the servers."""
         s3 = self._s3.proc.pid if self._s3 is not None else None
-        kill_tagged("GRADYARD_BENCH_TAG", os.environ["GRADYARD_BENCH_TAG"],
+        kill_tagged("GRADYARD_BENCH_TAG", os.environ["GRADYARD_BENCH_TAG"], grace_s=2,
                     spare=lambda proc, env: proc.pid == s3 or "GRADYARD_BENCH_CLUSTER" in env)
 
     def __enter__(self) -> "Bench":

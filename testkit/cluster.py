@@ -49,7 +49,10 @@ class RayCluster:
         }
         if self.fast_health_checks:  # notice a lost node in seconds, not the production default's ~30 s
             env.update({"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-                        "RAY_health_check_failure_threshold": "3"})
+                        "RAY_health_check_failure_threshold": "3",
+                        # Ray Train's view of the cluster keeps a lost node's resources for a while, so
+                        # its first restart asks for the old size and waits this long before it shrinks.
+                        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"})
         return env
 
     @property
@@ -112,5 +115,6 @@ class RayCluster:
                 proc.kill()
 
     def stop(self) -> None:
-        kill_tagged(self.tag_var, self.tag)
+        # SIGKILL at once: the cluster and its temp folder are thrown away, nothing needs a clean exit.
+        kill_tagged(self.tag_var, self.tag, grace_s=0)
         shutil.rmtree(self.temp_dir, ignore_errors=True)

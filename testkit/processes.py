@@ -17,8 +17,9 @@ def psutil():
     return importlib.import_module("psutil")
 
 
-def kill_tagged(var: str, value: str, spare=lambda proc, env: False) -> int:
-    """Terminate (then kill) the processes whose environment has ``var=value``; not this one."""
+def kill_tagged(var: str, value: str, spare=lambda proc, env: False, grace_s: float = 10) -> int:
+    """Terminate (then, after ``grace_s``, kill) the processes whose environment has ``var=value``;
+    not this one.  ``grace_s=0`` kills at once."""
     ps = psutil()
 
     mine = []
@@ -29,15 +30,16 @@ def kill_tagged(var: str, value: str, spare=lambda proc, env: False) -> int:
                 mine.append(proc)
         except (ps.NoSuchProcess, ps.AccessDenied, ps.ZombieProcess):
             pass
-    for proc in mine:
+    for proc in mine if grace_s > 0 else ():
         try:
             proc.terminate()
         except ps.NoSuchProcess:
             pass
-    _, alive = ps.wait_procs(mine, timeout=10)
+    _, alive = ps.wait_procs(mine, timeout=grace_s) if grace_s > 0 else ((), mine)
     for proc in alive:
         try:
             proc.kill()
         except ps.NoSuchProcess:
             pass
+    ps.wait_procs(alive, timeout=5)  # gone (ports and files released) before the caller goes on
     return len(mine)
