@@ -386,6 +386,18 @@ def test_kuberay_ray_containers_use_token_auth_from_the_secret():
         _assert_token_auth_env(_env(c), where)
 
 
+def test_kuberay_ray_containers_name_their_node_as_dcgm_does():
+    """gradyard's Hostname label is NODE_NAME when set (a pod's host name is the pod's): the node's name, as
+    DCGM exporter's pod has it, so gradyard's series join DCGM's on (Hostname, gpu)."""
+    seen = 0
+    for where, spec in _ray_cluster_specs():
+        for name, c in _ray_containers(spec):
+            node = _env(c).get("NODE_NAME", {})
+            assert node.get("valueFrom") == {"fieldRef": {"fieldPath": "spec.nodeName"}}, f"{where}:{name}/{c['name']}"
+            seen += 1
+    assert seen >= 4  # heads and GPU workers of the RayCluster and the RayJob
+
+
 def test_kuberay_gpu_resources_and_metrics_port_are_consistent():
     for where, spec in _ray_cluster_specs():
         for name, group in _groups(spec):

@@ -7,13 +7,16 @@ callbacks of their own (slow data, a gate at the end) the way any callback attac
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -48,7 +51,8 @@ from gradyard.telemetry.comm import (
     union_seconds,
 )
 from gradyard.telemetry.flops import PEAK_FLOPS, matmul_precision
-from gradyard.telemetry.nvml import NvmlReader
+from gradyard.telemetry.metrics import IDENTITY_LABELS, host_name, identity_labels
+from gradyard.telemetry.nvml import NvmlReader, gpu_identity
 from gradyard.trainer import DistInfo, Trainer
 from testkit import free_port
 
@@ -56,9 +60,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/gpu-efficiency.json"
 PROM_CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
 RULES = ROOT / "deploy/prometheus/rules/gradyard.rules.yml"
+RULE_TESTS = ROOT / "deploy/prometheus/tests/gradyard.rules.test.yml"
 CI = os.environ.get("CI", "").lower() == "true"
 
 # ------------------------------------------------------------------ helpers
+
+CPU_IDENTITY = {"ray_train_run_name": "exp", "gradyard_run": "r9", "ray_train_worker_world_rank": "0",
+                "Hostname": "n", "gpu": "", "UUID": ""}
+GPU_IDENTITY = {**CPU_IDENTITY, "gpu": "3", "UUID": "GPU-5b8c7e1a-0000-4000-8000-000000000003"}
 
 
 def make_spec(name: str = "telemetry-test", every: int = 5, steps: int = 10, precision: str = "fp32",
@@ -207,7 +216,8 @@ def test_single_worker_cpu(tmp_path):
     released = SimpleNamespace(wait=lambda timeout: None)
     end = AtTheEnd(lambda s: scraped.update(
         rss=sample(m, "gradyard_process_resident_memory_bytes"),
-        names=[mf.name for mf in m.registry.collect()]), released)
+        names=[mf.name for mf in m.registry.collect()],
+        labels=[s.labels for mf in m.registry.collect() for s in mf.samples]), released)
     trainer = fit(spec, [*callbacks, SlowData(0.005), end], tmp_path)
     assert sample(m, "gradyard_steps_total") == 10
     assert sample(m, "gradyard_samples_total") == 160
@@ -229,6 +239,14 @@ def test_single_worker_cpu(tmp_path):
     assert sample(m, "gradyard_checkpoint_last_blocked_seconds") > 0
     assert scraped["rss"] > 10e6
     assert not any(n.startswith("gradyard_gpu_") for n in scraped["names"])  # absent, not zero
+    # Every series of the run, scrape-time readings included, carries exactly the identity (plus its own labels).
+    assert m.identity == {"ray_train_run_name": "telemetry-test", "gradyard_run": "run1",
+                          "ray_train_worker_world_rank": "0", "Hostname": host_name(), "gpu": "", "UUID": ""}
+    own = {"phase", "bucket", "component", "regime", "key", "torch_device", "le"}
+    assert scraped["labels"]
+    for labels in scraped["labels"]:
+        assert {k: labels.get(k) for k in IDENTITY_LABELS} == m.identity and set(labels) - m.identity.keys() <= own
+    assert sample(m, "gradyard_worker_info", torch_device="cpu") == 1
 
 
 def test_mfu_with_calibrated_profile(tmp_path):
@@ -245,7 +263,7 @@ def test_mfu_with_calibrated_profile(tmp_path):
 @pytest.mark.unit
 def test_set_regime_keeps_one_series():
     m = TelemetryMetrics()
-    m.bind({"job": "j", "run": "r", "rank": "0", "node": "n", "device": "cpu"})
+    m.bind(CPU_IDENTITY)
     m.set_regime("data_bound", {"data_wait_share": 0.4, "note": "text is dropped"})
     m.set_regime("compute_bound", {"mfu": 0.5})
     assert sample(m, "gradyard_regime_info", regime="compute_bound") == 1
@@ -272,20 +290,27 @@ def test_exporter_refuses_a_discovery_directory_others_can_write(tmp_path):
 
 
 @pytest.mark.unit
-def test_exporter_serves_and_cleans_up(tmp_path):
+@pytest.mark.parametrize("identity", [CPU_IDENTITY, GPU_IDENTITY], ids=["cpu", "gpu"])
+def test_exporter_serves_and_cleans_up(tmp_path, identity):
+    """The target's labels are the series' identity labels (less the empty ones), never job or instance."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     m = TelemetryMetrics()
-    m.bind({"job": "exp", "run": "r9", "rank": "0", "node": "n", "device": "cpu"})
+    m.bind(identity)
     m.child(m.steps).inc(3)
     exporter = PrometheusExporter(m, host="127.0.0.1", sd_directory=tmp_path)
     _, port = exporter.start()
-    groups = exporter.register(rank=0, job="exp", run="r9")
+    groups = exporter.register(rank=0)
     try:
-        assert port > 0 and groups == [{"targets": [f"127.0.0.1:{port}"],
-                                        "labels": {"job": "exp", "run": "r9", "rank": "0", "node": "n"}}]
+        labels = {k: v for k, v in identity.items() if v}
+        assert port > 0 and groups == [{"targets": [f"127.0.0.1:{port}"], "labels": labels}]
+        assert ("gpu" in labels) == (identity is GPU_IDENTITY)
         assert json.loads((tmp_path / "exp-r9.json").read_text()) == groups
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert 'gradyard_steps_total{device="cpu",job="exp",node="n",rank="0",run="r9"} 3.0' in body
+        samples = [s for f in text_string_to_metric_families(body) for s in f.samples]
+        assert [(s.labels, s.value) for s in samples if s.name == "gradyard_steps_total"] == [(identity, 3.0)]
+        assert not {"job", "instance"} & {k for s in samples for k in s.labels}
     finally:
         thread = exporter._thread
         exporter.close()
@@ -313,8 +338,10 @@ def _promtool() -> str:
 
 @pytest.mark.unit
 def test_promtool_checks_config_and_rules():
+    """Syntax, and the rules' unit tests: MFU per worker and per run, and the DCGM join on (Hostname, gpu)."""
     tool = _promtool()
-    for args in (["check", "rules", str(RULES)], ["check", "config", str(PROM_CONFIG)]):
+    for args in (["check", "rules", str(RULES)], ["check", "config", str(PROM_CONFIG)],
+                 ["test", "rules", str(RULE_TESTS)]):
         out = subprocess.run([tool, *args], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
 
@@ -333,17 +360,140 @@ def test_dashboard_shape():
     assert dash["title"] == "GPU efficiency"
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
-    assert {"job", "node", "rank"} <= set(variables)
+    over = {name: re.fullmatch(r"label_values\((.+), (\w+)\)", v["definition"]).group(2)
+            for name, v in variables.items() if name != "datasource"}
+    assert over == {"run_name": "ray_train_run_name", "host": "Hostname", "rank": "ray_train_worker_world_rank"}
     titles = {p["title"] for p in dashboard_panels(dash)}
     for needed in ("GPU utilization (NVML)", "MFU (model FLOPs utilization)",
                    "Step-time breakdown (seconds per step)", "Communication share of step time",
                    "Allreduce bus bandwidth", "Checkpoint stalls", "Process resident memory",
-                   "Throughput (samples/s)"):
+                   "Throughput (samples/s)", "MFU beside SM activity (DCGM)"):
         assert needed in titles
     for p in dashboard_panels(dash):
         assert p["datasource"]["uid"] == "${datasource}"
         for t in p["targets"]:
-            assert 'job=~"$job"' in t["expr"], (p["title"], t["expr"])
+            assert 'ray_train_run_name=~"$run_name"' in t["expr"], (p["title"], t["expr"])
+            assert_labels_are_current(t["expr"], allowed={"phase", "bucket"})
+            assert not re.search(r"\{\{(job|instance|run|rank|node|device)\}\}", t.get("legendFormat", "")), t
+
+
+OLD_LABELS = ("job", "instance", "run", "rank", "node", "device")
+
+
+def assert_labels_are_current(expr: str, allowed=frozenset()) -> None:
+    """PromQL that selects or groups by identity labels uses IDENTITY_LABELS, never the old names or
+    Prometheus' job/instance."""
+    matchers = re.findall(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)\s*\"", expr)
+    grouped = [n.strip() for g in re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr)
+               for n in g.split(",") if n.strip()]
+    for name in matchers + grouped:
+        assert name not in OLD_LABELS, (name, expr)
+        assert name in IDENTITY_LABELS or name in allowed, (name, expr)
+    assert not re.search(r"\bjob(_rank)?:gradyard", expr), expr
+
+
+@pytest.mark.unit
+def test_identity_labels_join_ray_train_and_dcgm_and_leave_job_and_instance_to_prometheus():
+    """Finding: every series' own `job` overrode Prometheus' (honor_labels), so a worker or a discovery file
+    could forge any label; and no label matched Ray Train's or DCGM's, so nothing joined."""
+    from prometheus_client.metrics import MetricWrapperBase
+    from ray.train.v2._internal.metrics.base import RUN_ID_TAG_KEY, RUN_NAME_TAG_KEY
+    from ray.train.v2._internal.metrics.worker import WORKER_WORLD_RANK_TAG_KEY
+
+    ids = set(IDENTITY_LABELS)
+    assert {RUN_NAME_TAG_KEY, WORKER_WORLD_RANK_TAG_KEY} <= ids  # Ray Train v2's own label names
+    assert RUN_ID_TAG_KEY not in ids and "gradyard_run" in ids  # Ray's run id is another id
+    assert {"Hostname", "gpu", "UUID"} <= ids  # DCGM exporter's
+    assert not ids & {"job", "instance", *OLD_LABELS}
+
+    m = TelemetryMetrics()
+    metrics = [v for v in vars(m).values() if isinstance(v, MetricWrapperBase)]
+    assert len(metrics) > 20
+    for metric in metrics:
+        names = metric._labelnames
+        assert names[:len(IDENTITY_LABELS)] == IDENTITY_LABELS, metric
+        assert not {"job", "instance"} & set(names), metric
+
+    # The shipped Prometheus config: its own job and instance, and only identity labels from discovery.
+    config = yaml.safe_load(PROM_CONFIG.read_text())
+    assert not any(j.get("honor_labels") for j in config["scrape_configs"])
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "gradyard"]
+    relabel = job["relabel_configs"]
+    (keep,) = [r for r in relabel if r.get("action") == "labelkeep"]
+    assert set(keep["regex"].split("|")) == {"__.+", *IDENTITY_LABELS}
+    assert relabel.index(keep) < relabel.index({"target_label": "job", "replacement": job["job_name"]})
+    (drop,) = job["metric_relabel_configs"]
+    assert drop["action"] == "labeldrop"
+    assert set(re.fullmatch(r"exported_\((.+)\)", drop["regex"]).group(1).split("|")) == ids
+
+    # Rules: levels worker: and run:, grouped by identity labels only.
+    rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+    assert {r["record"].split(":")[0] for r in rules} == {"worker", "run"}
+    for r in rules:
+        assert_labels_are_current(r["expr"], allowed={"phase"})
+        if r["record"].startswith("run:"):
+            assert "by (ray_train_run_name, gradyard_run)" in r["expr"], r
+    assert any("on (Hostname, gpu)" in r["expr"] and "DCGM_FI_PROF_SM_ACTIVE" in r["expr"] for r in rules)
+
+
+@pytest.mark.unit
+def test_identity_labels_of_a_worker(monkeypatch):
+    state = SimpleNamespace(spec=SimpleNamespace(name="exp"), run_id="r9", rank=2, device=torch.device("cpu"))
+    monkeypatch.setenv("NODE_NAME", "node-a")  # what Kubernetes (and DCGM exporter's pod) name the node
+    assert identity_labels(state) == {"ray_train_run_name": "exp", "gradyard_run": "r9",
+                                      "ray_train_worker_world_rank": "2", "Hostname": "node-a",
+                                      "gpu": "", "UUID": ""}
+    monkeypatch.delenv("NODE_NAME")
+    assert host_name() == socket.gethostname()
+    m = TelemetryMetrics()
+    with pytest.raises(ValueError, match="identity labels"):
+        m.bind({**CPU_IDENTITY, "job": "exp"})
+    with pytest.raises(ValueError, match="identity labels"):
+        m.bind({k: v for k, v in CPU_IDENTITY.items() if k != "UUID"})
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    """pynvml with two GPUs: NVML index 3 is torch's cuda:0 (CUDA_VISIBLE_DEVICES order), and cuda:1 is a
+    MIG slice of NVML's GPU 1."""
+    gpus = {"h3": (3, "GPU-3333"), "h1": (1, "GPU-1111")}
+    fake = SimpleNamespace(
+        calls=[],
+        nvmlInit=lambda: fake.calls.append("init"),
+        nvmlShutdown=lambda: fake.calls.append("shutdown"),
+        nvmlDeviceGetHandleByUUID=lambda uuid: {"GPU-3333": "h3", "MIG-aaaa": "mig-of-h1"}[uuid],
+        nvmlDeviceIsMigDeviceHandle=lambda h: ctypes.c_uint(h.startswith("mig")),
+        nvmlDeviceGetDeviceHandleFromMigDeviceHandle=lambda h: {"mig-of-h1": "h1"}[h],
+        nvmlDeviceGetIndex=lambda h: gpus[h][0],
+        nvmlDeviceGetUUID=lambda h: gpus[h][1],
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    torch_uuids = {0: "3333", 1: "MIG-aaaa"}  # torch leaves out the GPU- prefix
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=torch_uuids[i]))
+    from gradyard.telemetry import nvml
+
+    nvml._nvml_identity.cache_clear()
+    yield fake
+    nvml._nvml_identity.cache_clear()  # never leave fake answers to a real GPU test
+
+
+@pytest.mark.unit
+def test_gpu_labels_are_dcgms_nvml_index_and_uuid(fake_nvml):
+    assert gpu_identity(torch.device("cuda", 0)) == ("3", "GPU-3333")
+    assert gpu_identity(torch.device("cuda", 1)) == ("1", "GPU-1111")  # a MIG slice: its GPU, as DCGM has it
+    assert gpu_identity(torch.device("cuda", 0)) == ("3", "GPU-3333")
+    assert fake_nvml.calls == ["init", "shutdown"] * 2  # once per device; NVML released each time
+    assert gpu_identity(torch.device("cpu")) == ("", "")
+
+
+@pytest.mark.unit
+def test_gpu_labels_are_empty_where_nvml_cannot_tell(fake_nvml):
+    def no_driver():
+        raise OSError("NVML Shared Library Not Found")
+
+    fake_nvml.nvmlInit = no_driver
+    assert gpu_identity(torch.device("cuda", 0)) == ("", "")
 
 
 # ------------------------------------------------------- integration (2 gloo workers + Prometheus)
@@ -439,7 +589,7 @@ class Prometheus:
 
 
 def panel_queries() -> list[tuple[str, str]]:
-    subst = {"$__rate_interval": "30s", "$job": ".*", "$node": ".*", "$rank": ".*"}
+    subst = {"$__rate_interval": "30s", "$run_name": ".*", "$host": ".*", "$rank": ".*"}
     out = []
     for panel in dashboard_panels(json.loads(DASHBOARD.read_text())):
         for target in panel["targets"]:
@@ -452,7 +602,18 @@ def panel_queries() -> list[tuple[str, str]]:
 
 
 def gpu_only(expr: str) -> bool:
-    return "gradyard_gpu_" in expr
+    """Series that exist only on a GPU: gradyard's NVML readings, and DCGM's (joined to gradyard's)."""
+    return "gradyard_gpu_" in expr or "DCGM_" in expr
+
+
+def assert_prometheus_labels(prom: "Prometheus", targets: set[str]) -> None:
+    """Every gradyard series has Prometheus' own job and instance, and no exported_* copy of the identity."""
+    series = prom.get("/api/v1/series", **{"match[]": '{__name__=~"gradyard_.*"}'})
+    assert series
+    for s in series:
+        assert s["job"] == "gradyard" and s["instance"] in targets, s
+        assert set(IDENTITY_LABELS) - {"gpu", "UUID"} <= set(s), s  # gpu and UUID are absent on CPU
+        assert not [k for k in s if k.startswith("exported_")], s
 
 
 def wait_until(cond, deadline: float, what: str, poll: float = 0.5, procs=()):
@@ -490,7 +651,9 @@ def test_two_gloo_workers_scraped_by_prometheus():
         sd_files = wait_until(lambda: list(sd_dir.glob("*.json")), deadline, "file_sd written by rank 0", procs=procs)
         assert [f.name for f in sd_files] == ["telemetry-it-run1.json"]
         groups = json.loads(sd_files[0].read_text())
-        assert sorted(g["labels"]["rank"] for g in groups) == ["0", "1"]
+        assert [g["labels"] for g in sorted(groups, key=lambda g: g["labels"]["ray_train_worker_world_rank"])] == [
+            {"ray_train_run_name": "telemetry-it", "gradyard_run": "run1", "ray_train_worker_world_rank": str(r),
+             "Hostname": host_name()} for r in (0, 1)]  # CPU: no gpu, no UUID
         assert all(g["targets"][0].startswith("127.0.0.1:") for g in groups)
 
         def targets_up():
@@ -514,7 +677,8 @@ def test_two_gloo_workers_scraped_by_prometheus():
 
         # Let Prometheus scrape the final values of both workers.
         def final_scraped():
-            got = {s["metric"]["rank"]: float(s["value"][1]) for s in prom.query("gradyard_steps_total")}
+            got = {s["metric"]["ray_train_worker_world_rank"]: float(s["value"][1])
+                   for s in prom.query("gradyard_steps_total")}
             return got == {str(r): float(final[r]["steps"]) for r in final}
 
         wait_until(final_scraped, deadline, "final step counts scraped", procs=procs)
@@ -526,10 +690,13 @@ def test_two_gloo_workers_scraped_by_prometheus():
             else:
                 assert result, f"{title}: no series for {expr}"
         assert prom.query('{__name__=~"gradyard_gpu_.*"}') == []
+        assert_prometheus_labels(prom, {t for g in groups for t in g["targets"]})
+        up = prom.query('up{job="gradyard"}')
+        assert sorted(u["metric"]["ray_train_worker_world_rank"] for u in up) == ["0", "1"]  # `up` has the identity
 
         # Values hold together (counters from the same scrape).
         for rank in ("0", "1"):
-            sel = f'{{rank="{rank}"}}'
+            sel = f'{{ray_train_run_name="telemetry-it",ray_train_worker_world_rank="{rank}"}}'
             step_s = float(prom.query(f"gradyard_step_seconds_total{sel}")[0]["value"][1])
             phases = float(prom.query(f"sum(gradyard_step_phase_seconds_total{sel})")[0]["value"][1])
             assert step_s > 0 and abs(phases - step_s) <= 0.1 * step_s, (rank, phases, step_s)
@@ -549,7 +716,7 @@ def test_two_gloo_workers_scraped_by_prometheus():
         for var in json.loads(DASHBOARD.read_text())["templating"]["list"]:
             m = re.fullmatch(r"label_values\((.+), (\w+)\)", var.get("definition", ""))
             if m:
-                selector = m.group(1).replace("$job", ".*").replace("$node", ".*")
+                selector = m.group(1).replace("$run_name", ".*").replace("$host", ".*")
                 assert prom.get(f"/api/v1/label/{m.group(2)}/values", **{"match[]": selector}), var["name"]
 
         release.set()
@@ -571,6 +738,41 @@ def test_two_gloo_workers_scraped_by_prometheus():
                 p.join()
         prom.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.prometheus
+def test_prometheus_keeps_its_job_and_instance_and_the_discovery_files_identity(tmp_path):
+    """A target whose series and discovery file both claim job and instance, a made-up label and another
+    rank: the shipped config keeps job="gradyard", the target's address, and the file's identity only."""
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+    binary = prometheus_binary()
+    identity = dict(GPU_IDENTITY)
+    registry = CollectorRegistry()
+    forged = Gauge("gradyard_forged", "A series that claims Prometheus' labels.",
+                   ["job", "instance", *IDENTITY_LABELS], registry=registry)
+    forged.labels(job="evil", instance="elsewhere:1",
+                  **{**identity, "ray_train_worker_world_rank": "7"}).set(1)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    target = f"127.0.0.1:{server.server_port}"
+    sd_dir = tmp_path / "sd"
+    sd_dir.mkdir()
+    (sd_dir / "forged.json").write_text(json.dumps([{
+        "targets": [target], "labels": {"job": "evil", "instance": "elsewhere:1", "team": "x", **identity}}]))
+    prom = Prometheus(binary, tmp_path, sd_dir)
+    try:
+        deadline = time.monotonic() + 30
+        prom.wait_ready(deadline)
+        (got,) = wait_until(lambda: prom.query("gradyard_forged"), deadline, "the target scraped")
+        assert got["metric"] == {"__name__": "gradyard_forged", "job": "gradyard", "instance": target, **identity,
+                                 "exported_job": "evil", "exported_instance": "elsewhere:1"}
+        (up,) = prom.query("up")
+        assert up["metric"] == {"__name__": "up", "job": "gradyard", "instance": target, **identity}
+    finally:
+        prom.stop()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 # ------------------------------------------------------------------ CUDA
@@ -608,6 +810,16 @@ def test_cuda_events_nccl_hook_and_nvml(tmp_path):
         if torch.cuda.get_device_name(device) in PEAK_FLOPS:
             assert 0 < sample(m, "gradyard_mfu_ratio") < 1
         assert math.isfinite(sample(m, "gradyard_loss"))
+        # DCGM's names for this GPU: NVML's index and UUID.
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(m.identity["gpu"]))
+            assert m.identity["UUID"] == pynvml.nvmlDeviceGetUUID(handle)
+            assert m.identity["UUID"].startswith("GPU-")
+        finally:
+            pynvml.nvmlShutdown()
     finally:
         dist.destroy_process_group()
 

@@ -13,7 +13,7 @@ from conftest import JOBS, wait_until
 from gradyard.job import load_job
 from gradyard.runner import run_job
 from testkit.faults import SlowSteps
-from test_telemetry import Prometheus, gpu_only, panel_queries, prometheus_binary
+from test_telemetry import Prometheus, assert_prometheus_labels, gpu_only, panel_queries, prometheus_binary
 
 pytestmark = [pytest.mark.ray, pytest.mark.prometheus]
 
@@ -56,8 +56,14 @@ def test_ray_job_metrics_answer_every_dashboard_panel(ray_cluster, tmp_path):
             else:
                 assert series, f"{title}: no series for {expr}"
 
+        # Labelled as Ray Train labels its own series: run name = the job name (RunConfig(name=...)),
+        # the worker's world rank; and gradyard's run id beside it.
+        targets = prom.get("/api/v1/targets")["activeTargets"]
+        assert_prometheus_labels(prom, {t["labels"]["instance"] for t in targets})
+        runs = {s["metric"]["gradyard_run"] for s in prom.query('gradyard_steps_total{ray_train_run_name="fashion-cnn"}')}
+        assert len(runs) == 1, runs
         for rank in ("0", "1"):
-            sel = f'{{job="fashion-cnn",rank="{rank}"}}'
+            sel = f'{{ray_train_run_name="fashion-cnn",ray_train_worker_world_rank="{rank}"}}'
             step_s = value(prom, f"gradyard_step_seconds_total{sel}")
             phases = value(prom, f"sum(gradyard_step_phase_seconds_total{sel})")
             assert abs(phases - step_s) <= 0.1 * step_s, (rank, phases, step_s)
@@ -68,11 +74,12 @@ def test_ray_job_metrics_answer_every_dashboard_panel(ray_cluster, tmp_path):
             grad_bytes = gradient_bytes(build_model(spec, build_datasets(spec)[2]))
             assert value(prom, f"gradyard_allreduce_step_bytes{sel}") == grad_bytes
             assert 0 < value(prom, f"gradyard_mfu_ratio{sel}") < 1
-        regimes = prom.query('gradyard_regime_info{job="fashion-cnn"} == 1')
+        regimes = prom.query('gradyard_regime_info{ray_train_run_name="fashion-cnn"} == 1')
         assert len(regimes) == 1
         assert regimes[0]["metric"]["regime"] in ("compute", "memory", "overhead", "communication", "input")
         t.join(240)
         assert "summary" in result, result.get("error")
         assert result["summary"]["steps"] == 150
+        assert runs == {result["summary"]["run_id"]}
     finally:
         prom.stop()

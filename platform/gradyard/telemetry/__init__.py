@@ -4,10 +4,11 @@ The trainer builds the callbacks once per worker, when ``spec.telemetry.enabled`
 
     callbacks += build_telemetry_callbacks(spec)
 
-Each callback learns who it runs as (rank, node, device, run id) from the
-TrainState at FIT_START, so they can be built before the process group
-exists.  Put them *before* the checkpoint callback, so a checkpoint taken at
-BATCH_END is not inside the step time (its stall has its own metric).
+Each callback learns who it runs as (job name, run id, rank, host, GPU: the
+identity labels of :mod:`.metrics`) from the TrainState at FIT_START, so
+they can be built before the process group exists.  Put them *before* the
+checkpoint callback, so a checkpoint taken at BATCH_END is not inside the
+step time (its stall has its own metric).
 
 Modules, one concern each:
 

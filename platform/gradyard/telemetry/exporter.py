@@ -14,15 +14,21 @@ workers on one node never clash).  The bind address is
 ``GRADYARD_METRICS_HOST``, else the node IP Ray reports when Ray is running
 in this process, else 127.0.0.1.
 
-Discovery: rank 0 gathers every rank's ``host:port`` and labels
+Discovery: rank 0 gathers every rank's ``host:port`` and identity labels
 (``all_gather_object`` when torch.distributed is initialised) and writes a
-Prometheus ``file_sd_configs`` file, ``<job>-<run>.json``, atomically into
+Prometheus ``file_sd_configs`` file, ``<job name>-<run id>.json``, atomically into
 ``GRADYARD_PROMETHEUS_SD_DIR`` (default /tmp/gradyard/prometheus_sd); it
 removes the file at close.  The directory must be the one Prometheus reads
 (deploy/prometheus/prometheus.yml): on a multi-node cluster rank 0 may not
 run on the Prometheus node, so either share that directory or let the
 driver write :attr:`PrometheusExporter.targets` there with
 :func:`write_file_sd`.
+
+Labels: a target carries exactly the worker's identity labels
+(:data:`~gradyard.telemetry.metrics.IDENTITY_LABELS`), the same dict its
+series carry, so ``up`` has them too.  Never ``job`` or ``instance``: the
+shipped Prometheus config keeps its own (``honor_labels`` is false) and drops
+any other label a discovery file brings.
 """
 
 from __future__ import annotations
@@ -142,7 +148,7 @@ class PrometheusExporter(Callback):
                 self.start(local_rank=int(getattr(state, "local_rank", 0) or 0))
             except Exception as exc:  # noqa: BLE001 - still join the collective below, without a target
                 failed = exc
-            self.register(rank=int(state.rank), job=str(state.spec.name), run=str(state.run_id))
+            self.register(rank=int(state.rank))
             if failed is not None:
                 raise failed
 
@@ -162,13 +168,19 @@ class PrometheusExporter(Callback):
         log.info("serving metrics on http://%s/metrics", _target(self.host, self.port))
         return self.host, self.port
 
-    def register(self, *, rank: int, job: str, run: str) -> list[dict[str, Any]]:
-        """Gather every rank's target; rank 0 writes the file_sd file. Collective when distributed."""
-        ident = self.metrics.identity or {}
+    def register(self, *, rank: int) -> list[dict[str, Any]]:
+        """Gather every rank's target; rank 0 writes the file_sd file. Collective when distributed.
+
+        Needs the identity bound (:meth:`TelemetryMetrics.bind`): the target's
+        labels are that identity, less empty values (a label with no value is
+        no label in Prometheus).
+        """
+        ident = self.metrics.identity
+        if ident is None:
+            raise RuntimeError("TelemetryMetrics.bind() has not been called (FIT_START not seen)")
         mine = {
             "targets": [_target(self.host, self.port)] if self.port else [],
-            # The exporter's labels, repeated on the target so `up` carries them too.
-            "labels": {"job": job, "run": run, "rank": str(rank), "node": ident.get("node", "")},
+            "labels": {k: v for k, v in ident.items() if v},
         }
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # On NCCL this runs on the current CUDA device, which the trainer
@@ -180,7 +192,7 @@ class PrometheusExporter(Callback):
         groups = [g for g in groups if g["targets"]]
         self.targets = groups if rank == 0 else [mine]
         if rank == 0:
-            path = (self.sd_directory or sd_dir()) / f"{job}-{run}.json"
+            path = (self.sd_directory or sd_dir()) / f"{ident['ray_train_run_name']}-{ident['gradyard_run']}.json"
             write_file_sd(path, groups)
             self.sd_path = path
         return self.targets

@@ -15,12 +15,30 @@ at scrape time (memory, NVML) live in :mod:`gradyard.telemetry.resources`.
 from __future__ import annotations
 
 import math
+import os
+import socket
 from typing import Any, Mapping, Optional
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-IDENTITY_LABELS = ("job", "run", "rank", "node", "device")
-"""Labels on every gradyard series: job name, run id, global rank, node, torch device."""
+from gradyard.telemetry.nvml import gpu_identity
+
+IDENTITY_LABELS = ("ray_train_run_name", "gradyard_run", "ray_train_worker_world_rank", "Hostname", "gpu", "UUID")
+"""Labels on every gradyard series, named as the systems gradyard's series join with name them.
+
+* ``ray_train_run_name``: the job name (``spec.name``); gradyard passes it to
+  Ray Train as ``RunConfig(name=...)``, so it is Ray Train's own label too.
+* ``gradyard_run``: gradyard's run id, the run's across resumes (not Ray's
+  ``ray_train_run_id``: Ray makes a new one each time the driver builds its
+  trainer, as after a lost controller).
+* ``ray_train_worker_world_rank``: the global rank, Ray Train's label.
+* ``Hostname``, ``gpu``, ``UUID``: DCGM exporter's labels for the node and the
+  GPU (NVML index and GPU UUID); ``gpu`` and ``UUID`` are empty (absent in
+  Prometheus) on CPU.
+
+Never ``job`` or ``instance``: those are Prometheus' own (scrape job and target).
+"""
 
 PHASES = ("data", "forward", "backward", "optimizer", "comm_exposed")
 """Step phases; they partition the step time (see :mod:`gradyard.telemetry.timing`)."""
@@ -30,14 +48,25 @@ PHASES = ("data", "forward", "backward", "optimizer", "comm_exposed")
 _CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
+def host_name() -> str:
+    """The node's name as DCGM exporter has it in ``Hostname``: NODE_NAME if set, else the host name.
+
+    On Kubernetes DCGM exporter's pod sets NODE_NAME to the node (the pod's
+    own host name is the pod's name); the KubeRay manifests set it the same way.
+    """
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
 def identity_labels(state: Any) -> dict[str, str]:
     """The identity labels of the worker that ``state`` (a TrainState) describes."""
+    gpu, uuid = gpu_identity(torch.device(state.device))
     return {
-        "job": str(state.spec.name),
-        "run": str(state.run_id),
-        "rank": str(state.rank),
-        "node": str(state.node),
-        "device": str(state.device),
+        "ray_train_run_name": str(state.spec.name),
+        "gradyard_run": str(state.run_id),
+        "ray_train_worker_world_rank": str(state.rank),
+        "Hostname": host_name(),
+        "gpu": gpu,
+        "UUID": uuid,
     }
 
 
@@ -94,6 +123,9 @@ class TelemetryMetrics:
             "gradyard_allreduce_overlap_ratio",
             "Share of the latest step's allreduce time hidden behind backward compute.", L, registry=r)
         self.world_size = Gauge("gradyard_world_size", "Number of DDP ranks.", L, registry=r)
+        self.worker_info = Gauge(
+            "gradyard_worker_info", "1 for every worker; torch_device is the torch device it trains on.",
+            L + ("torch_device",), registry=r)
 
         # -- FLOPs and MFU (flops.py)
         self.step_flops = Gauge(
@@ -141,9 +173,8 @@ class TelemetryMetrics:
     def bind(self, identity: Mapping[str, str]) -> None:
         """Fix the identity labels; the first call wins (several callbacks call it at FIT_START)."""
         if self.identity is None:
-            missing = set(IDENTITY_LABELS) - set(identity)
-            if missing:
-                raise ValueError(f"identity labels missing: {sorted(missing)}")
+            if set(identity) != set(IDENTITY_LABELS):
+                raise ValueError(f"identity labels {sorted(identity)}, expected {sorted(IDENTITY_LABELS)}")
             self.identity = {k: str(identity[k]) for k in IDENTITY_LABELS}
 
     def child(self, metric, **extra: str):

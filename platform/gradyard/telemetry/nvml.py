@@ -1,13 +1,18 @@
-"""NVML readings of the worker's GPU (pynvml, from nvidia-ml-py).
+"""NVML readings of the worker's GPU (pynvml, from nvidia-ml-py), and the GPU's NVML identity.
 
 :meth:`NvmlReader.open` returns None where there is no GPU or NVML cannot
 start, and :meth:`NvmlReader.read` leaves out what the GPU does not support
 (MIG slices have no utilization, some boards no power reading): missing
 readings are absent series, never zeros.
+
+:func:`gpu_identity` names the GPU the way NVIDIA's DCGM exporter labels its
+series (``gpu``: the NVML index, ``UUID``: the GPU UUID), so gradyard's series
+join with DCGM's.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any, Optional
@@ -41,6 +46,50 @@ def _nvml_handle(pynvml: Any, device: torch.device) -> Any:
     if ids and index < len(ids) and ids[index].isdigit():
         return pynvml.nvmlDeviceGetHandleByIndex(int(ids[index]))
     return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def gpu_identity(device: torch.device) -> tuple[str, str]:
+    """``(gpu, UUID)`` of a torch device as DCGM exporter labels it: NVML's index and GPU UUID.
+
+    Not torch's index: under CUDA_VISIBLE_DEVICES (or CUDA's default
+    fastest-first order) ``cuda:0`` may be NVML's GPU 3.  On a MIG slice both
+    name the parent GPU, as DCGM's do (DCGM adds the slice as ``GPU_I_ID``).
+    ``("", "")`` on CPU, and where NVML cannot tell (then there is no DCGM to
+    join with either).
+    """
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "", ""
+    return _nvml_identity(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)  # every telemetry callback asks at FIT_START; NVML answers once
+def _nvml_identity(index: int) -> tuple[str, str]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:  # no driver, no library, no permission
+        log.info("NVML unavailable (%s): no gpu/UUID labels", exc)
+        return "", ""
+    try:
+        handle = _nvml_handle(pynvml, torch.device("cuda", index))
+        try:
+            mig = pynvml.nvmlDeviceIsMigDeviceHandle(handle)
+            if getattr(mig, "value", mig):  # a c_uint in nvidia-ml-py
+                handle = pynvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+        except Exception:  # a driver without MIG
+            pass
+        uuid = pynvml.nvmlDeviceGetUUID(handle)
+        uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+        return str(int(pynvml.nvmlDeviceGetIndex(handle))), uuid
+    except Exception as exc:
+        log.info("no NVML identity for cuda:%d (%s): no gpu/UUID labels", index, exc)
+        return "", ""
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
 
 
 class NvmlReader:

@@ -95,6 +95,7 @@ class ProgressMonitor(Callback):
         m.child(m.checkpoints).inc(0)
         m.child(m.checkpoint_failures).inc(0)
         m.child(m.restarts).set(int(getattr(state, "restarts", 0) or 0))
+        m.child(m.worker_info, torch_device=str(state.device)).set(1)
 
     def _export_loss(self) -> None:
         if self._loss is not None and self._loss.value is not None and math.isfinite(self._loss.value):
