@@ -26,9 +26,11 @@ prometheus:
 	     || echo "could not install prometheus; its tests will fail under CI=true"; \
 	  else echo "prometheus not found; install it (apt-get install prometheus) to run its tests"; fi; }
 
-# Everything CI must check, the fast lane first (tests/conftest.py orders them).
+# Everything CI must check, the fast lane first (tests/conftest.py orders them), on two
+# pytest-xdist workers: much of the suite waits on processes, clusters and servers, and a
+# module whose tests share an expensive fixture stays on one worker (conftest's groups).
 test: install prometheus
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 # The fast lane alone: schema, storage, checkpoint rules, data readers, fuzzing; no cluster, no server.
 test-fast: install

@@ -65,12 +65,27 @@ SLOW_FIXTURES = {"s3", "ray_cluster", "two_nodes", "reference"}
 """A test that needs one of these servers or clusters is not in the fast lane, whatever its marks."""
 
 
+ONE_WORKER = {"test_analysis", "test_chaos", "test_submission", "test_training"}
+"""Modules whose tests share a module-scoped fixture worth minutes (a calibration, the uninterrupted
+reference run, the two-node cluster, the shared worker group): under ``make test``'s two
+pytest-xdist workers (``--dist loadgroup``) each of them runs on one worker, so the fixture is
+built once."""
+
+
+def worker_index() -> int:
+    """0 without pytest-xdist; N on its worker ``gwN``."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+
+
 def pytest_collection_modifyitems(config, items):
     """Lanes: the fast lane (``-m "unit and not integration"``, seconds) runs first so a failure shows
     early; `make test-fast` runs it alone.  Then the rest, in file order."""
     for item in items:
         if item.get_closest_marker("unit") and SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if module in ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(module))
     fast = [i for i in items if i.get_closest_marker("unit") and not i.get_closest_marker("integration")]
     chosen = set(map(id, fast))
     items[:] = fast + [i for i in items if id(i) not in chosen]
@@ -78,7 +93,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    cluster = RayCluster().start()
+    # Each xdist worker has a cluster of its own: worker ports apart (20000-20999, 21000-21999).
+    lo = 20000 + 1000 * worker_index()
+    cluster = RayCluster(worker_ports=f"{lo}-{lo + 999}").start()
     import ray
 
     ray.init(address=cluster.address, log_to_driver=True)

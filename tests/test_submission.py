@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.ray]
 @pytest.fixture(scope="module")
 def two_nodes():
     """Head on 127.0.0.2 (with the dashboard) and a worker node on 127.0.0.3, via Ray's CLI."""
-    cluster = RayCluster(ip="127.0.0.2", num_cpus=2).start()
+    cluster = RayCluster(ip="127.0.0.2", num_cpus=2, worker_ports="22000-22999").start()
     cluster.worker_port = cluster.add_node("127.0.0.3", num_cpus=2)
     client = JobSubmissionClient(cluster.dashboard)
     wait_until(lambda: len(client.get_version()) > 0, timeout=30, what="dashboard")
