@@ -4,6 +4,8 @@ Modes, switchable while it runs:
 - ``fail_rate``: share of requests answered with HTTP 500/503 or a dropped
   connection (``fail_kinds`` picks among ``"500"``, ``"503"``, ``"drop"``);
   ``fail_methods`` limits it to some methods (e.g. ``{"GET"}`` for reads);
+- ``throttle_first``: the first N writes (PUT) to each object are answered 503 SlowDown, as S3
+  throttles a hot prefix (deterministic, unlike ``fail_rate``);
 - ``outage``: every request is refused (connection closed) until cleared;
 - ``deny_writes``: writes (PUT, POST, DELETE) get 403 AccessDenied, as with
   read-only credentials; ``deny_writes_matching`` does it only for paths that
@@ -38,6 +40,8 @@ class FaultProxy:
         self.deny_writes = False
         self.deny_writes_matching: str | None = None
         self.fail_methods: set[str] | None = None
+        self.throttle_first = 0
+        self._writes_seen: Counter[str] = Counter()
         self.requests = self.failed = self.forwarded = self.bytes_out = 0
         self.uploads_in_flight = 0
         self.uploading = threading.Event()
@@ -153,6 +157,12 @@ class FaultProxy:
             if self.outage:
                 self.failed += 1
                 return "drop"
+            if self.throttle_first and method == "PUT":
+                key = path.split("?", 1)[0]
+                self._writes_seen[key] += 1
+                if self._writes_seen[key] <= self.throttle_first:
+                    self.failed += 1
+                    return "503"
             if (self.fail_rate and (self.fail_methods is None or method in self.fail_methods)
                     and self._rng.random() < self.fail_rate):
                 self.failed += 1

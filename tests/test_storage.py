@@ -219,3 +219,54 @@ def test_root_cause_is_the_innermost_error_line_redacted():
     assert cause.startswith("ValueError: data.source: nothing at s3://***@bucket/x")
     assert "SECRET" not in cause
     assert root_cause(RuntimeError("")) == "RuntimeError"
+
+
+# ------------------------------------------------------------------ four real ranks, a throttling S3
+
+
+_RANK = r"""
+import logging, sys
+from gradyard.storage import open_storage
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+st = open_storage(sys.argv[1], endpoint_url=sys.argv[2])
+st.write_json(st.join(f"rank-{sys.argv[3]}.json"), {"rank": int(sys.argv[3])})
+print("wrote", flush=True)
+"""
+
+
+@pytest.mark.integration
+def test_four_ranks_throttled_by_s3_retry_apart_and_a_denied_write_is_never_retried(s3):
+    """Four processes writing through a proxy that throttles each one's first three PUTs with 503
+    SlowDown: every one gets its write through, their waits differ (full jitter: no lockstep), and
+    an AccessDenied is final: one request, no retry."""
+    import re
+    import subprocess
+    import sys
+    import uuid
+
+    from testkit import FaultProxy
+
+    url = f"s3://gradyard-test/throttle-{uuid.uuid4().hex[:8]}"
+    with FaultProxy(s3.endpoint) as proxy:
+        proxy.throttle_first = 3
+        procs = [subprocess.Popen([sys.executable, "-c", _RANK, url, proxy.endpoint, str(r)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(4)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 and "wrote" in o for p, (o, _) in zip(procs, outs)), outs
+        waits = [tuple(float(w) for w in re.findall(r"retrying in ([0-9.]+)s", e)) for _, e in outs]
+        assert [len(w) for w in waits] == [3, 3, 3, 3], outs
+        assert len(set(waits)) == 4, f"ranks waited alike: {waits}"
+        # One request per attempt: no retry loop of botocore's or s3fs's stacked inside gradyard's.
+        assert proxy.failed == 12 and proxy._writes_seen and set(proxy._writes_seen.values()) == {4}
+
+        proxy.throttle_first, proxy.deny_writes = 0, True
+        before = proxy.requests
+        denied = subprocess.run([sys.executable, "-c", _RANK, url, proxy.endpoint, "9"], capture_output=True,
+                                text=True, timeout=120)
+        assert denied.returncode != 0 and "retrying in" not in denied.stderr
+        assert "AccessDenied" in denied.stderr or "Access Denied" in denied.stderr or \
+            "PermissionError" in denied.stderr, denied.stderr[-2000:]
+        puts = proxy.requests - before
+    assert puts == 1, f"{puts} requests for one denied write"
+    st = open_storage(url, endpoint_url=s3.endpoint)
+    assert sorted(st.read_json(st.join(f"rank-{r}.json"))["rank"] for r in range(4)) == [0, 1, 2, 3]

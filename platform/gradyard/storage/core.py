@@ -287,8 +287,10 @@ def open_storage(url: str, endpoint_url: Optional[str] = None, region: Optional[
         # skip_instance_cache: a fresh client per Storage, so a changed endpoint or
         # environment is honoured.  One attempt in botocore and s3fs: the retry
         # loop is gradyard's own (gradyard.storage.retry), with its budget.
+        # botocore's ``max_attempts`` counts retries (1 = two attempts); ``total_max_attempts``
+        # counts attempts.
         fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True,
-                               config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"},
+                               config_kwargs={"retries": {"total_max_attempts": 1, "mode": "standard"},
                                               "connect_timeout": 5, "read_timeout": 30})
         fs.retries = 1
         path = url.split("://", 1)[1].rstrip("/")
