@@ -11,7 +11,7 @@ import uuid
 import pytest
 from ray.job_submission import JobSubmissionClient
 
-from conftest import JOBS, ROOT, VENV_BIN, RayCluster, run_cli, wait_until
+from conftest import JOBS, ROOT, VENV_BIN, RayCluster, quiet_success, run_cli, wait_until
 from gradyard.checkpoint import list_checkpoints
 from gradyard.storage import open_storage
 
@@ -35,7 +35,7 @@ def test_gradyard_submit_refuses_a_broken_job_before_the_cluster(ray_cluster, tm
     bad = ROOT / f"jobs-broken-{uuid.uuid4().hex[:6]}.yaml"
     bad.write_text((JOBS / "circles.yaml").read_text().replace("lr: 0.01", "lr: -3"))
     try:
-        r = run_cli("submit", str(bad), "--address", ray_cluster.dashboard, "--wait", timeout=120)
+        r = run_cli("submit", str(bad), "--address", ray_cluster.dashboard, timeout=120)
     finally:
         bad.unlink()
     assert r.returncode != 0
@@ -46,15 +46,71 @@ def test_gradyard_submit_refuses_a_broken_job_before_the_cluster(ray_cluster, tm
     assert "optimizer.lr: input should be greater than 0" in validate.stderr
 
 
-def test_a_job_failing_on_the_cluster_fails_wait_with_its_error(ray_cluster):
-    r = run_cli("submit", "jobs/fashion-cnn.yaml", "--address", ray_cluster.dashboard, "--wait",
+def test_a_job_failing_on_the_cluster_fails_submit_with_its_error(ray_cluster):
+    """`submit` waits by default (as `ray job submit` does) and exits 1 with the job's error."""
+    r = run_cli("submit", "jobs/fashion-cnn.yaml", "--address", ray_cluster.dashboard,
                 "--quiet", "--set", "data.source=/nonexistent/FashionMNIST", timeout=300)
     assert r.returncode == 1
     assert "data.source: nothing at /nonexistent/FashionMNIST" in r.stderr
     assert "Traceback" not in r.stderr
     job_id = r.stdout.strip().splitlines()[0]
     st = run_cli("status", job_id, "--address", ray_cluster.dashboard, timeout=60)
-    assert "FAILED" in st.stdout
+    assert st.returncode == 1 and "FAILED" in st.stdout
+
+
+def test_the_cli_behaves_like_rays_and_every_exit_code_follows_the_scheme(ray_cluster, tmp_path):
+    """--no-wait, `list` while it runs, `logs -f` streaming it, --json everywhere, exit codes 0/1/2,
+    and RAY_ADDRESS as the default address."""
+    env = {"RAY_ADDRESS": ray_cluster.dashboard}
+    sub = run_cli("submit", "jobs/circles.yaml", "--no-wait", "--json", "--storage", str(tmp_path),
+                  "--set", "schedule.epochs=null", "--set", "schedule.steps=1500",
+                  "--set", "checkpoint.every_steps=500", "--set", "telemetry.enabled=false",
+                  env=env, timeout=120)
+    assert sub.returncode == 0, sub.stderr
+    job_id = json.loads(sub.stdout)["submission_id"]
+
+    follow = subprocess.Popen([str(VENV_BIN / "gradyard"), "logs", job_id, "-f"], cwd=ROOT,
+                              env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        client = JobSubmissionClient(ray_cluster.dashboard)
+        # A line of training arrives while the job still runs: the logs stream, they are not
+        # fetched once at the end.
+        while True:
+            line = follow.stdout.readline()
+            assert line, "logs -f ended without a line of training: " + follow.stderr.read()[-3000:]
+            if "[circles] epoch" in line:
+                break
+        assert str(client.get_job_status(job_id)) in ("RUNNING", "JobStatus.RUNNING")
+        listed = run_cli("list", "--json", env=env, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        row = next(r for r in json.loads(listed.stdout) if r["submission_id"] == job_id)
+        assert row["status"] == "RUNNING" and row["gradyard_job"] == "circles"
+        assert row["run_dir"] == f"{tmp_path}/circles" and row["progress"]["total"] == 1500
+        table = run_cli("list", env=env, timeout=60).stdout
+        assert job_id in table and "circles" in table and "SUBMISSION ID" in table
+        rest, err = follow.communicate(timeout=300)
+    finally:
+        follow.kill()
+    assert follow.returncode == 0, err[-3000:]
+    assert "[circles] finished: 1500 steps" in rest
+    st = run_cli("status", job_id, "--json", env=env, timeout=60)
+    assert st.returncode == 0 and json.loads(st.stdout)["status"] == "SUCCEEDED"
+    assert set(json.loads(st.stdout)) >= {"submission_id", "status", "message", "gradyard_job", "run_dir",
+                                          "start_time", "end_time"}
+    logs = run_cli("logs", job_id, "--json", env=env, timeout=60)
+    assert logs.returncode == 0 and "finished: 1500 steps" in json.loads(logs.stdout)["logs"]
+    quiet_success(json.loads(logs.stdout)["logs"])
+
+    # Exit status 2: an unknown job id, a run directory that is not there, a bad job file, usage.
+    for args in (["status", "raysubmit_nonexistent"], ["logs", "raysubmit_nonexistent"],
+                 ["checkpoints", str(tmp_path / "nonexistent")],
+                 ["validate", "jobs/circles.yaml", "--set", "optimizer.lr=-1"], ["run", "--nonsense"]):
+        r = run_cli(*args, env=env, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+    v = run_cli("validate", "jobs/circles.yaml", "jobs/blobs.yaml", "--json", timeout=60)
+    assert v.returncode == 0 and [x["ok"] for x in json.loads(v.stdout)] == [True, True]
+    assert run_cli("--version").stdout.startswith("gradyard ")
 
 
 
@@ -167,3 +223,26 @@ def test_losing_a_worker_node_continues_elastically_on_what_is_left(two_nodes, t
     assert summary["world_size"] == 1, "continued on the capacity left"
     assert {r["node_ip"] for r in summary["ranks"]} == {"127.0.0.2"}
     assert "resumed from checkpoint at step" in logs
+
+
+@pytest.mark.unit
+def test_both_submit_paths_upload_the_same_files_and_never_the_repository():
+    """Ray's own packaging walk (the one `ray job submit --working-dir .` runs) over this checkout:
+    the README's plain command and `gradyard submit` (its excludes) upload the same files, and
+    neither .git/ nor .venv/."""
+    import logging
+
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    from gradyard.submit import EXCLUDES
+
+    def uploaded(excludes: list[str]) -> set[str]:
+        seen: set[str] = set()
+        _dir_travel(ROOT, [_get_excludes(ROOT, excludes)], lambda p: p.is_file() and seen.add(p.relative_to(ROOT).as_posix()),
+                    include_gitignore=True, logger=logging.getLogger("test"))
+        return seen
+
+    plain, ours = uploaded([]), uploaded(EXCLUDES)
+    assert plain == ours
+    assert "platform/gradyard/cli.py" in plain and "jobs/circles.yaml" in plain
+    assert not [p for p in plain if p.split("/")[0] in (".git", ".venv", ".hypothesis")]

@@ -1,7 +1,17 @@
-"""The `gradyard` command.  Errors are one clear message and a non-zero exit, never a traceback.
+"""gradyard: train the documented PyTorch jobs as DDP on Ray, with checkpoints and GPU-efficiency telemetry.
 
-Exit status: 0 ok; 1 the job or training failed; 2 bad usage, a bad job file, or missing or unusable
-input (a dataset, storage, a run directory in use by another driver).
+Validate a job, run it here (an embedded Ray cluster), or submit it to a cluster; then read its
+checkpoints, export its model and ask what bounds it.  `gradyard COMMAND --help` shows each
+command's arguments and an example.  Errors are one clear line, never a traceback.
+
+exit status (every command):
+  0  ok (for `status`, also: the job is still running)
+  1  the job or training failed (or was stopped)
+  2  bad usage, a bad job file, or missing or unusable input (a dataset, storage, an unknown job
+     id, a cluster that cannot be reached, a run directory in use by another driver)
+
+(Module note: over 350 lines because it is every command's arguments and help, one place for the
+CLI's shape; the commands' work lives in their own modules.)
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 
+from gradyard import __version__
 from gradyard.job import JobError, load_job
 from gradyard.storage import StorageError, redact
 from gradyard.submit import SubmitError
@@ -37,20 +48,24 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def cmd_validate(args) -> int:
-    bad = 0
+    results = []
     for f in args.files:
         try:
             spec = load_job(f, args.overrides)
-            print(f"{f}: ok ({spec.name}: {spec.model.arch} on {redact(spec.data.source)})")
+            results.append({"file": f, "ok": True, "name": spec.name, "model": spec.model.arch,
+                            "data": redact(spec.data.source)})
+            if not args.json:
+                print(f"{f}: ok ({spec.name}: {spec.model.arch} on {redact(spec.data.source)})")
         except JobError as exc:
-            print(redact(str(exc)), file=sys.stderr)
-            bad += 1
-    return EXIT_USAGE if bad else EXIT_OK
+            results.append({"file": f, "ok": False, "error": redact(str(exc))})
+            if not args.json:
+                print(redact(str(exc)), file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return EXIT_OK if all(r["ok"] for r in results) else EXIT_USAGE
 
 
 def cmd_jobs(args) -> int:
-    import torch  # noqa: F401 - fail early and clearly if torch is missing
-
     from gradyard.data import build_datasets
     from gradyard.models import build_model, count_parameters
 
@@ -93,10 +108,31 @@ def cmd_run(args, on_cluster: bool = False) -> int:
     from gradyard.runner import run_job
 
     spec = load_job(args.file, args.overrides)
-    summary = run_job(spec, address=getattr(args, "address", None), storage_url=args.storage,
+    address = getattr(args, "address", None) or (None if on_cluster else ray_address_from_env())
+    summary = run_job(spec, address=address, storage_url=args.storage,
                       fresh=args.fresh, on_cluster=on_cluster)
-    print_summary(summary)
+    if getattr(args, "json", False):
+        print(json.dumps(summary, default=str))
+    else:
+        print_summary(summary)
     return EXIT_OK
+
+
+def ray_address_from_env() -> str | None:
+    """``$RAY_ADDRESS`` as ``ray.init()`` takes it (a GCS address, ``auto``, ``ray://``), or None.
+
+    A dashboard URL there is meant for job submission (``ray job``, ``gradyard submit``): a
+    driver cannot attach to it, so `gradyard run` says so and trains on an embedded cluster.
+    """
+    value = os.environ.get("RAY_ADDRESS", "").strip()
+    if not value:
+        return None
+    if value.lower().startswith(("http://", "https://")):
+        print(f"note: RAY_ADDRESS={redact(value)} is a dashboard URL, for `gradyard submit`; "
+              "`gradyard run` trains from this process, on an embedded cluster "
+              "(pass --address HOST:PORT to train on a running cluster's GCS)", file=sys.stderr)
+        return None
+    return value
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -200,51 +236,87 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gradyard", description=__doc__)
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="gradyard", description=__doc__, formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"gradyard {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    v = sub.add_parser("validate", help="validate job files")
-    v.add_argument("files", nargs="+")
-    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    def command(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=f"{help[0].upper()}{help[1:]}.",
+                              epilog=f"example:\n  {example}", formatter_class=fmt)
+
+    def json_flag(c: argparse.ArgumentParser, what: str) -> None:
+        c.add_argument("--json", action="store_true", help=f"print {what} as JSON")
+
+    def endpoint(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--endpoint-url", metavar="URL",
+                       help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+
+    v = command("validate", "check job files against the schema and the catalogue (imports no torch)",
+                "gradyard validate jobs/*.yaml --set optimizer.lr=0.1")
+    v.add_argument("files", nargs="+", help="job definitions (YAML)")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job key in every file, e.g. --set schedule.epochs=3")
+    json_flag(v, "a list of {file, ok, name, model, data | error}")
     v.set_defaults(fn=cmd_validate)
 
-    j = sub.add_parser("jobs", help="list the documented job definitions")
-    j.add_argument("--json", action="store_true")
+    j = command("jobs", "list the documented job definitions with their parameter counts", "gradyard jobs --json")
+    json_flag(j, "a list of {file, name, model, data, parameters}")
     j.add_argument("--synthetic-shapes", action="store_true", help=argparse.SUPPRESS)
     j.set_defaults(fn=cmd_jobs)
 
-    r = sub.add_parser("run", help="train a job on Ray (an embedded cluster unless --address)")
+    r = command("run", "train a job on Ray (an embedded cluster unless --address) and print its summary",
+                "gradyard run jobs/mnist-lenet.yaml --storage s3://bucket/runs")
     add_run_arguments(r)
-    r.add_argument("--address", help="Ray cluster address (default: start an embedded cluster)")
+    r.add_argument("--address", metavar="HOST:PORT",
+                   help="Ray cluster (GCS) address to train on; default: an embedded cluster in this process "
+                        "(RAY_ADDRESS is used when it names a GCS address; a dashboard URL there is for "
+                        "`gradyard submit`)")
+    json_flag(r, "the run's summary (summary.json)")
     r.set_defaults(fn=cmd_run)
 
-    c = sub.add_parser("checkpoints", help="list a run's checkpoints and their status")
-    c.add_argument("run_url")
-    c.add_argument("--json", action="store_true")
+    c = command("checkpoints", "list a run's checkpoints: step, size, lineage, status",
+                "gradyard checkpoints s3://bucket/runs/mnist-lenet --json")
+    c.add_argument("run_url", help="run directory: a path, file:// or s3:// URL (<storage>/<job name>)")
+    json_flag(c, "a list of checkpoints with their status and lineage")
     c.add_argument("--quick", action="store_true", help="check sizes only, not sha256")
-    c.add_argument("--endpoint-url")
+    endpoint(c)
     c.set_defaults(fn=cmd_checkpoints)
 
-    e = sub.add_parser("export", help="write a checkpoint's model state_dict for inference")
-    e.add_argument("run_url")
-    e.add_argument("--out", required=True)
-    e.add_argument("--step", type=int)
-    e.add_argument("--endpoint-url")
+    e = command("export", "write a checkpoint's model state_dict for inference",
+                "gradyard export runs/mnist-lenet --out lenet.pt")
+    e.add_argument("run_url", help="run directory: a path, file:// or s3:// URL")
+    e.add_argument("--out", required=True, help="file to write (torch.save of the state_dict)")
+    e.add_argument("--step", type=int, help="export this step (default: the newest complete checkpoint)")
+    endpoint(e)
     e.set_defaults(fn=cmd_export)
 
-    add_submit_commands(sub)
-    cal = sub.add_parser("calibrate", help="measure this device's FLOP/s, bandwidth, overhead")
-    cal.add_argument("--json", action="store_true")
+    sc = command("schema", "print the job file's JSON Schema (every field documented), or its reference page",
+                 "gradyard schema > job.schema.json")
+    sc.add_argument("--markdown", action="store_true", help="print docs/jobs.md instead")
+    sc.set_defaults(fn=cmd_schema)
+
+    add_submit_commands(sub, fmt)
+    cal = command("calibrate", "measure this device's FLOP/s, memory bandwidth and per-op overhead",
+                  "gradyard calibrate --quick")
+    json_flag(cal, "the device profile")
     cal.add_argument("--quick", action="store_true", help="fewer, smaller measurements")
     cal.set_defaults(fn=cmd_calibrate)
 
-    an = sub.add_parser("analyze", help="compute-, memory-, overhead-, communication- or input-bound?")
-    an.add_argument("run_url")
+    an = command("analyze", "is a run compute-, memory-, overhead-, communication- or input-bound?",
+                 "gradyard analyze runs/fashion-cnn --out report/")
+    an.add_argument("run_url", help="run directory (telemetry on, past step 7)")
     an.add_argument("--out", help="folder for roofline.png, step_breakdown.png and report.md")
-    an.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
-    an.add_argument("--endpoint-url")
+    json_flag(an, "the verdict as one object")
+    endpoint(an)
     an.set_defaults(fn=cmd_analyze)
     return p
+
+
+def cmd_schema(args) -> int:
+    from gradyard.schema import cmd_schema as schema
+
+    return schema(args)
 
 
 def cmd_calibrate(args) -> int:
@@ -290,7 +362,7 @@ def dispatch(command) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # usage errors: argparse's message and exit status 2
     return dispatch(lambda: args.fn(args))
 
 
