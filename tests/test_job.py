@@ -191,3 +191,36 @@ def test_synthetic_keeps_the_shapes_of_the_data_it_replaces():
     assert spec.data.like == "digits"
     spec = load_job(JOBS / "fashion-cnn.yaml", ["data.source=synthetic"])
     assert spec.data.like == "idx"
+
+
+def test_the_published_schema_checks_every_shipped_job_and_documents_every_field():
+    """`gradyard schema` is a standard JSON Schema: every shipped job validates against it with
+    jsonschema's own validator, a bad one does not, every property has a description, and the
+    copies in docs/ (the one editors use, and the reference page) are what the models say now."""
+    import json
+
+    import jsonschema
+
+    from conftest import ROOT
+    from gradyard.schema import EDITOR_COMMENT, markdown
+
+    r = run_cli("schema", timeout=60)
+    assert r.returncode == 0, r.stderr
+    schema = json.loads(r.stdout)
+    validator = jsonschema.Draft202012Validator(schema)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for path in sorted(JOBS.glob("*.yaml")):
+        text = path.read_text()
+        assert text.splitlines()[0] == EDITOR_COMMENT, path.name
+        assert not list(validator.iter_errors(yaml.safe_load(text))), path.name
+    bad = yaml.safe_load((JOBS / "circles.yaml").read_text())
+    bad["optimizer"]["lr"] = -3
+    bad["scaling"] = {"num_workers": 2, "typo": 1}
+    found = {(tuple(e.absolute_path), e.validator) for e in validator.iter_errors(bad)}
+    assert found == {(("optimizer", "lr"), "exclusiveMinimum"), (("scaling",), "additionalProperties")}, found
+
+    undocumented = [f"{name}.{key}" for name, sch in [("JobSpec", schema), *schema["$defs"].items()]
+                    for key, prop in sch.get("properties", {}).items() if not prop.get("description")]
+    assert not undocumented
+    assert (ROOT / "docs" / "job.schema.json").read_text() == r.stdout, "run: gradyard schema > docs/job.schema.json"
+    assert (ROOT / "docs" / "jobs.md").read_text() == markdown(), "run: gradyard schema --markdown > docs/jobs.md"

@@ -4,6 +4,10 @@ Every field carries its documentation right under it, so this module is the
 reference for what a job file may say.  Unknown keys, wrong types and
 impossible values are rejected with an error that names the file, the key
 path, what is wrong and what is allowed (see :func:`load_job`).
+
+Longer than 350 lines because it is the schema: one section class per part of a job file, each
+field with its bound and its docstring (the published schema and docs/jobs.md come from them);
+splitting it would spread one reference over several files.
 """
 
 from __future__ import annotations
@@ -379,19 +383,29 @@ class JobSpec(_Section):
     description: str = ""
     """One line for `gradyard jobs`."""
     model: ModelSection
+    """The network: an architecture from the catalogue (`gradyard jobs`) and its parameters."""
     data: DataSection
+    """The dataset: a built-in source, `synthetic`, or files in a format gradyard reads."""
     loss: Literal["auto", "cross_entropy", "bce", "mse"] = "auto"
     """Loss; `auto` picks from the model's task (multiclass: cross entropy, binary: BCE, regression: MSE)."""
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    """Optimizer and learning rate."""
     schedule: ScheduleSection
+    """How long to train (epochs or steps), the seed, the LR schedule, precision."""
     regularization: RegularizationSection = Field(default_factory=RegularizationSection)
+    """Dropout, batch norm, L1/L2 penalties."""
     augmentation: list[Augmentation] = Field(default_factory=list)
     """Training-data augmentations, applied in order (image data only; never to test data)."""
     scaling: ScalingSection = Field(default_factory=ScalingSection)
+    """Workers, their resources and placement (Ray Train's ScalingConfig)."""
     storage: StorageSection = Field(default_factory=StorageSection)
+    """Where the run directory lives: a path, file:// or s3://."""
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    """When to checkpoint, how many to keep, which metric is best."""
     failure: FailureSection = Field(default_factory=FailureSection)
+    """Restarts after a failure, non-finite losses, hangs, preemption."""
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    """Prometheus metrics and the live analysis."""
 
     def spec_hash(self) -> str:
         """sha256 of the canonical JSON of the job (what a checkpoint records)."""
