@@ -9,6 +9,7 @@ CLI tests pass ``--address``.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -65,11 +66,11 @@ SLOW_FIXTURES = {"s3", "ray_cluster", "two_nodes", "reference"}
 """A test that needs one of these servers or clusters is not in the fast lane, whatever its marks."""
 
 
-ONE_WORKER = {"test_analysis", "test_chaos", "test_submission", "test_training"}
-"""Modules whose tests share a module-scoped fixture worth minutes (a calibration, the uninterrupted
-reference run, the two-node cluster, the shared worker group): under ``make test``'s two
-pytest-xdist workers (``--dist loadgroup``) each of them runs on one worker, so the fixture is
-built once."""
+ONE_WORKER = {"test_analysis", "test_submission", "test_training"}
+"""Modules whose tests share a module-scoped fixture worth a while (a calibration, the two-node
+cluster, the shared worker group): under ``make test``'s two pytest-xdist workers (``--dist
+loadgroup``) each runs on one worker, so the fixture is built once.  (test_chaos is spread: its
+reference run is shared through a file, and its tests are the longest of the suite.)"""
 
 
 def worker_index() -> int:
@@ -83,12 +84,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("unit") and SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
-        module = item.module.__name__.rpartition(".")[2] if item.module else ""
-        if module in ONE_WORKER:
-            item.add_marker(pytest.mark.xdist_group(module))
+        if _module(item) in ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(_module(item)))
     fast = [i for i in items if i.get_closest_marker("unit") and not i.get_closest_marker("integration")]
     chosen = set(map(id, fast))
-    items[:] = fast + [i for i in items if id(i) not in chosen]
+    rest = [i for i in items if id(i) not in chosen]
+    # The longest modules next, so that two workers end together rather than one finishing them alone.
+    rest.sort(key=lambda i: LONGEST.index(_module(i)) if _module(i) in LONGEST else len(LONGEST))
+    items[:] = fast + rest
+
+
+LONGEST = ("test_bench_smoke", "test_chaos")
+
+
+def _module(item) -> str:
+    return item.module.__name__.rpartition(".")[2] if item.module else ""
 
 
 @pytest.fixture(scope="session")
@@ -133,3 +143,15 @@ def wait_until(pred, timeout: float = 60, interval: float = 0.2, what: str = "co
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out waiting for {what}")
+
+
+RAY_ERROR_LINE = re.compile(r"\d E \d+ \d+\]")
+"""Ray core's log format: ``[2026-12-01 13:00:00,123 E 4242 4242] core_worker.cc:...``."""
+
+
+def quiet_success(output: str) -> None:
+    """A successful run prints no traceback and no error line (Ray's known noise: gradyard.raylogs)."""
+    assert "Traceback" not in output, output[-5000:]
+    errors = [ln for ln in output.splitlines()
+              if RAY_ERROR_LINE.search(ln) or re.search(r"^(\(.*?\) )?error\b|\bERROR\b", ln, re.I)]
+    assert not errors, errors

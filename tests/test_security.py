@@ -20,7 +20,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from conftest import JOBS, TEST_ACCESS_KEY, TEST_SECRET_KEY, run_cli, wait_until
+from conftest import JOBS, TEST_ACCESS_KEY, TEST_SECRET_KEY, quiet_success, run_cli, wait_until
 from gradyard.checkpoint import COMPLETE, list_checkpoints
 from gradyard.storage import open_storage
 
@@ -54,6 +54,7 @@ def test_no_secret_reaches_output_logs_metrics_summaries_or_checkpoints(ray_clus
             "--set", "checkpoint.every_steps=7"]
     first = run_cli(*args, "--set", "schedule.epochs=2", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
+    quiet_success(first.stdout + first.stderr)
 
     # The resumed run, scraped while it trains (its workers serve Prometheus metrics).
     scraped: list[str] = []
@@ -87,7 +88,7 @@ def test_no_secret_reaches_output_logs_metrics_summaries_or_checkpoints(ray_clus
     # then its status and logs.
     t = threading.Thread(target=scrape, daemon=True)
     t.start()
-    sub = run_cli("submit", "jobs/circles.yaml", "--address", ray_cluster.dashboard, "--wait", "--storage", url,
+    sub = run_cli("submit", "jobs/circles.yaml", "--address", ray_cluster.dashboard, "--storage", url,
                   "--set", "checkpoint.every_steps=7", "--set", "schedule.epochs=6",
                   "--set", f"storage.endpoint_url={s3.endpoint}", env=env, timeout=300)
     t.join(timeout=60)

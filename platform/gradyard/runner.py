@@ -125,6 +125,7 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, storage_url: Option
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from gradyard import raylogs
     from gradyard.worker import run_worker
 
     # Ray Train re-routes worker print() through its logger, which also echoes
@@ -147,6 +148,7 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, storage_url: Option
                 ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                          log_to_driver=True)
                 embedded = True
+        raylogs.install()  # Ray's known noise (see gradyard.raylogs) out of what this driver prints
         preflight_placement(spec, run)
 
         def make_trainer() -> TorchTrainer:

@@ -1,0 +1,58 @@
+"""The code itself: no unused imports or undefined names, and modules readable in one sitting."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.unit
+
+LONG = 360
+"""A product module longer than this says at its top why (issue: every module readable in one sitting)."""
+
+
+def test_pyflakes_finds_nothing():
+    from pyflakes.api import checkRecursive
+    from pyflakes.reporter import Reporter
+
+    out, err = io.StringIO(), io.StringIO()
+    found = checkRecursive([str(ROOT / d) for d in ("platform", "bench", "testkit", "tests")],
+                           Reporter(out, err))
+    assert found == 0, out.getvalue() + err.getvalue()
+
+
+def test_long_modules_say_why():
+    unexplained = []
+    for path in sorted((ROOT / "platform" / "gradyard").rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > LONG and "over 350 lines because" not in text[:3000].lower() \
+                and "longer than 350 lines because" not in text[:3000].lower():
+            unexplained.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines")
+    assert not unexplained
+
+
+def test_rays_known_noise_is_dropped_and_nothing_else():
+    """gradyard.raylogs: the two messages Ray prints on every successful run, and the traceback
+    after one, leave the driver's output; other lines, other processes' tracebacks, stay."""
+    from gradyard.raylogs import NoiseFilter
+
+    f = NoiseFilter()
+    controller = ("1234", True)
+    assert f.lines(controller, [
+        "[2026-12-01 13:00:00,123 E 1234 1250] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+        "and ID: '882ee2c1fdcb164ee113afbc01000000' has constructor arguments in the object store and "
+        "max_restarts > 0. If the arguments in the object store go out of scope...",
+        "training on Ray: 2 workers",
+        "Failed to stop PlacementGroupCleaner gracefully.",
+        "Traceback (most recent call last):",
+        '  File "placement_group_callback.py", line 126, in _stop_cleaner',
+    ]) == ["training on Ray: 2 workers"]
+    # The traceback goes on in the next batch of the same process, then ordinary output resumes.
+    assert f.lines(controller, ["    ray.get(self._cleaner.stop.remote(), timeout=self._stop_timeout)",
+                                "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+                                "[circles] finished: 39 steps"]) == ["[circles] finished: 39 steps"]
+    other = ["Traceback (most recent call last):", '  File "train.py", line 1', "ValueError: a real failure"]
+    assert f.lines(("999", True), other) == other
