@@ -75,7 +75,7 @@ class Workload:
         """(input shape, classes) of the synthetic data gradyard generates for this job."""
         from gradyard.data.base import image_geometry
         from gradyard.data.builtin import synthetic_profile
-        from gradyard.models import CATALOGUE
+        from gradyard.catalogue import CATALOGUE
 
         spec = self.spec()
         entry = CATALOGUE[spec.model.arch]

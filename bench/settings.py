@@ -32,6 +32,9 @@ class Size:
     """Steps of each arm in each in-run telemetry on/off comparison (turns of 25 steps)."""
     submit_warmup: bool = True
     """Cache the working directory on the cluster with one untimed submission first."""
+    telemetry_even_runs: bool = True
+    """An even number of telemetry in-run comparisons, each arm first in half of them (the smoke
+    runs one: it checks that the comparison runs, not what it finds)."""
 
     def with_repeats(self, n: int) -> "Size":
         return replace(self, repeats=n, checkpoint_rounds=n, recovery_rounds=n)
@@ -43,4 +46,4 @@ QUICK = Size("quick", repeats=2, fashion_steps=110, fashion_checkpoint_every=50,
              recovery_rounds=2, short_steps=12, telemetry_ab_steps=300)
 SMOKE = Size("smoke", repeats=1, fashion_steps=30, fashion_checkpoint_every=10, alexnet_steps=0,
              checkpoint_rounds=1, recovery_rounds=1, short_steps=12, submit_warmup=False,
-             telemetry_ab_steps=150)
+             telemetry_ab_steps=150, telemetry_even_runs=False)

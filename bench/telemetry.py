@@ -59,7 +59,7 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
     runs, command = [], None
     # An even number of runs, so each arm goes first in half of them: runs that began with the
     # telemetry-on arm read higher (1.01-1.05, against 1.01-1.02 beginning with the off arm).
-    repeats = size.repeats + size.repeats % 2
+    repeats = size.repeats + size.repeats % 2 if size.telemetry_even_runs else size.repeats
     profile = None
     for r in range(repeats):
         d = bench.fresh("telemetry-ab")

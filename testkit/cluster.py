@@ -46,6 +46,10 @@ class RayCluster:
             # Every process of this cluster inherits the tag, so stop() finds them all
             # (Ray renames its processes: command lines do not tell).
             self.tag_var: self.tag,
+            # Its own processes resolve "auto" to this cluster, as on a machine that runs one
+            # (Ray Train's placement-group cleaner asks the state API with "auto"; with several test
+            # clusters on the machine it would find them all and fail).
+            "RAY_ADDRESS": self.address,
         }
         if self.fast_health_checks:  # notice a lost node in seconds, not the production default's ~30 s
             env.update({"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",

@@ -103,10 +103,21 @@ def verified(run: str, endpoint: str | None = None) -> list:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
-    """The uninterrupted run every interrupted one must match."""
-    root = tmp_path_factory.mktemp("reference")
-    finish(torchrun(str(root), slow=0.0))
-    return summary_of(root / "circles")
+    """The uninterrupted run every interrupted one must match: run once per test session, also when
+    pytest-xdist spreads this module over several workers (they share the session's temp root)."""
+    import json
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    with FileLock(str(shared / "chaos-reference.lock")):
+        cached = shared / "chaos-reference.json"
+        if not cached.exists():
+            root = shared / "chaos-reference"
+            finish(torchrun(str(root), slow=0.0))
+            cached.write_text(json.dumps(summary_of(root / "circles")))
+        return json.loads(cached.read_text())
 
 
 def same_weights(summary: dict, reference: dict) -> None:
@@ -241,7 +252,9 @@ def test_a_stopped_rank_is_detected_named_and_the_group_resumes(tmp_path, refere
 
 
 def test_a_second_driver_is_refused_and_the_first_run_is_untouched(tmp_path, reference):
-    proc = torchrun(str(tmp_path), slow=0.15)
+    # Slow enough (48 steps, ~24 s) that both refused drivers, each a CLI start-up on a busy machine,
+    # come while the first run still trains.
+    proc = torchrun(str(tmp_path), slow=0.5)
     try:
         ckpts = tmp_path / "circles" / "checkpoints"
         wait_until(lambda: proc.poll() is not None or (ckpts.is_dir() and any(

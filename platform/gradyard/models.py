@@ -25,7 +25,7 @@ import torch
 import torchvision
 from torch import nn
 
-from gradyard.catalogue import CATALOGUE, ModelEntry, Preprocess, check_job, model_params  # noqa: F401
+from gradyard.catalogue import CATALOGUE, check_job, model_params
 from gradyard.job import JobError
 from gradyard.storage import StorageError, open_storage, redact
 

@@ -16,6 +16,9 @@ They are separate steps because the counting mode runs Python on every op,
 which the profiler would book as op time.  The mode calls each op exactly as
 it came (no decomposition, unlike ``FlopCounterMode``), so the step's results
 are bitwise the same as without it and a resumed run stays identical.
+
+Longer than 350 lines because the census is one measurement: the counting mode, the byte and
+FLOP rules per op class and the profiler pass must agree op by op, so they sit together.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ two distributed training adds), and the largest part is the verdict:
 
 Remedies follow the verdict (and any other part over ``SECONDARY_SHARE``),
 each with what the evidence says it could buy.
+
+Longer than 350 lines because the rules, their thresholds and the remedies each rule proposes
+are read together when a verdict is questioned.
 """
 
 from __future__ import annotations
