@@ -387,3 +387,28 @@ def test_augmentation_rejected_for_tabular_and_text(tmp_path):
         spec_for("mlp", "circles", augmentation=[{"name": "flip"}])
     with pytest.raises(JobError, match="augmentation: .* gives text data"):
         spec_for("lstm_sentiment", "synthetic", augmentation=[{"name": "flip"}])
+
+
+def test_staging_reports_progress_through_fsspecs_batched_get(tmp_path, s3, capsys, monkeypatch):
+    """A tree of many files is staged in one concurrent fs.get with line-based progress (each line a
+    count of files, never a carriage-return bar); a copy that is over at once stays quiet."""
+    import gradyard.progress as progress
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint)
+    prefix = f"progress-{tmp_path.name}/tree"
+    for i in range(60):
+        client.put_object(Bucket="gradyard-test", Key=f"{prefix}/c{i % 3}/f{i:03d}.txt", Body=b"x" * 10)
+    ticks = iter(range(0, 10_000, 3))  # a clock that moves 3 s per reading: every update is "a while later"
+    monkeypatch.setattr(progress, "now", lambda: next(ticks))
+    from gradyard.data.staging import stage
+
+    path = stage(f"s3://gradyard-test/{prefix}", cache_dir=str(tmp_path / "cache"), endpoint_url=s3.endpoint)
+    assert len(list(path.rglob("*.txt"))) == 60
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("staging ")]
+    assert lines and "\r" not in "".join(lines)
+    assert lines[-1].startswith(f"staging s3://gradyard-test/{prefix}: 60/60 files done")
+    assert all("/60 files" in ln for ln in lines)
+
+    monkeypatch.setattr(progress, "now", lambda: 0.0)  # instant: nothing to say
+    stage(f"s3://gradyard-test/{prefix}", cache_dir=str(tmp_path / "cache2"), endpoint_url=s3.endpoint)
+    assert "staging" not in capsys.readouterr().err

@@ -212,6 +212,10 @@ def cmd_export(args) -> int:
     usable = [i for i in infos if i.status == "complete" and (args.step is None or i.step == args.step)]
     chosen = None
     for info in reversed(usable):  # newest first, verified as it is read
+        size = int((info.files.get("model.pt") or {}).get("size", 0))
+        if size > 50e6:  # a wait worth a line: the read and its sha256
+            print(f"reading and verifying model.pt of step {info.step} ({size / 1e6:.0f} MB) from {run.shown}",
+                  file=sys.stderr, flush=True)
         try:
             blobs = read_verified(run, info, names=("model.pt",))
             chosen = info

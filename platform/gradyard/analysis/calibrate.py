@@ -27,6 +27,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from gradyard.progress import Progress
+
 PROFILE_DIR_ENV = "GRADYARD_PROFILE_DIR"
 
 
@@ -261,13 +263,18 @@ def calibrate(device: Optional[torch.device | str] = None, group: Any = None, qu
         torch.cuda.set_device(dev)
     dtypes = ["float32", "tf32", "bfloat16", "float16"] if dev.type == "cuda" else ["float32", "bfloat16", "float16"]
     peaks = {}
+    progress = Progress(f"calibrating {device_name(dev)}", len(dtypes) + 2 + (group is not None), "measurements")
     for dt in dtypes:
         flops = measure_matmul_flops(dt, dev, quick)
+        progress.advance()
         if flops is not None:
             peaks[dt] = flops
     bw = measure_bandwidth(dev, quick)
+    progress.advance()
     overhead = measure_dispatch_overhead(dev, quick)
+    progress.advance()
     busbw = measure_allreduce_busbw(group, dev=None, quick=quick) if group is not None else None
+    progress.done()
     world = None
     if busbw is not None:
         import torch.distributed as dist

@@ -28,6 +28,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from gradyard.progress import Progress
 from gradyard.storage import DEFAULT, PATIENT, RecordError, RetryPolicy, Storage
 from gradyard.storage import retry
 
@@ -185,7 +186,10 @@ def scan(storage: Storage, deep: bool = False,
         d, _, name = rel.partition("/")
         by_dir.setdefault(d, {})[name] = int(meta.get("size") or 0)
     out, partials = [], []
+    progress = Progress(f"verifying the checkpoints of {storage.shown}", len(by_dir), "checkpoints") if deep else None
     for d, sizes in by_dir.items():
+        if progress is not None:
+            progress.advance()
         step = parse_dirname(d)
         if step is None:
             if d.startswith(PARTIAL_PREFIX):
@@ -209,6 +213,8 @@ def scan(storage: Storage, deep: bool = False,
                         except CorruptCheckpoint as exc:
                             info.status, info.problem = CORRUPT, str(exc)
         out.append(info)
+    if progress is not None:
+        progress.done()
     out.sort(key=lambda i: (i.step, i.time or 0.0))
     return out, partials
 

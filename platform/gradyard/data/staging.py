@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from gradyard.data.base import FALLBACK, DataError
+from gradyard.progress import Progress
 from gradyard.storage import Storage, StorageError, open_storage, redact
 from gradyard.storage import retry
 from gradyard.storage.urls import is_remote
@@ -98,8 +99,15 @@ def _copy(storage: Storage, dest: Path, missing: str) -> None:
     for t in targets:
         Path(t).parent.mkdir(parents=True, exist_ok=True)
     if keys:
-        # One batched call: s3fs fetches the files concurrently.
-        retry.call(lambda: fs.get(list(keys), targets), what=f"stage {storage.shown} ({len(keys)} files)")
+        # One batched call: s3fs fetches the files concurrently; a line of progress every few seconds.
+        progress = Progress(f"staging {storage.shown}", len(keys), "files")
+
+        def get() -> None:
+            progress.value = 0  # a retry copies every file again
+            fs.get(list(keys), targets, callback=progress)
+
+        retry.call(get, what=f"stage {storage.shown} ({len(keys)} files)")
+        progress.done()
     (partial / _DONE).write_text(redact(storage.url) + "\n")
     shutil.rmtree(dest, ignore_errors=True)  # an interrupted earlier copy
     partial.rename(dest)
