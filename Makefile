@@ -1,19 +1,19 @@
 # Two commands for a newcomer: `make demo` and `make test`.  Both create .venv
-# on first use from pyproject.toml, pinned by constraints.txt.
+# on first use from pyproject.toml, every version pinned by requirements.lock.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: test test-fast demo bench install prometheus clean
+.PHONY: test test-fast demo bench install prometheus clean lock
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# pip 23 cannot resolve ray's extras under a constraints file; 24+ can.
 	$(PIP) install --quiet --upgrade 'pip>=24'
-	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	$(PIP) install --quiet -c requirements.lock -e '.[test]'
 	touch $@
 
 # The telemetry tests scrape real runs with Debian's prometheus server.
@@ -44,3 +44,14 @@ bench: install prometheus
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Re-resolve requirements.lock after a change to pyproject.toml: a fresh venv, torch, torchvision
+# and ray held at their locked versions (other torch/torchvision pairs break torchvision's
+# compiled operators), everything else at the newest versions pyproject allows.
+lock:
+	rm -rf /tmp/gradyard-lock && $(PYTHON) -m venv /tmp/gradyard-lock
+	/tmp/gradyard-lock/bin/pip install --quiet --upgrade 'pip>=24'
+	grep -E '^(torch|torchvision|ray)==' requirements.lock > /tmp/gradyard-lock/pins.txt
+	/tmp/gradyard-lock/bin/pip install --quiet -c /tmp/gradyard-lock/pins.txt -e '.[test]'
+	{ sed -n '/^#/p' requirements.lock; /tmp/gradyard-lock/bin/pip freeze --exclude-editable | grep -v '^gradyard'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock

@@ -223,8 +223,11 @@ def test_image_name_is_decided_in_the_dockerfile():
     )
     init = (REPO / "platform" / "gradyard" / "__init__.py").read_text()
     assert m["version"] == _one(r'^__version__ = "([^"]+)"', init, "gradyard/__init__.py")
-    base_cuda = _one(r"^FROM \S+-cuda(\d+)\.(\d+)\S*", _dockerfile(), "Dockerfile FROM")
-    assert m["cuda"] == "".join(base_cuda), f"tag says cu{m['cuda']}, base image has CUDA {base_cuda}"
+    # The CUDA of the locked torch build, the one CI runs (a CUDA build that also runs on CPU).
+    import torch
+
+    assert torch.version.cuda, "CI's torch is not a CUDA build: the image's would not be the same"
+    assert m["cuda"] == torch.version.cuda.replace(".", ""), f"tag says cu{m['cuda']}, torch has {torch.version.cuda}"
     assert f"-t {image} " in _dockerfile(), "the build command in the Dockerfile must tag the image"
 
 
@@ -257,8 +260,7 @@ def test_image_is_the_same_everywhere():
 def test_ray_version_is_pinned_consistently():
     installed = ray.__version__
     assert _dockerfile_ray_version() == installed
-    constraints = (REPO / "constraints.txt").read_text()
-    assert _one(r"^ray==(\S+)", constraints, "constraints.txt") == installed
+    assert _locked()["ray"] == installed
     assert _requirement("ray").specifier.contains(installed)
     specs = _ray_cluster_specs()
     assert specs, "no RayCluster specs under deploy/kuberay"
@@ -266,20 +268,29 @@ def test_ray_version_is_pinned_consistently():
         assert str(spec.get("rayVersion")) == installed, f"{where}: rayVersion"
 
 
-def test_dockerfile_keeps_the_base_torch_and_brings_what_ray_tools_need():
+def _locked() -> dict[str, str]:
+    text = (REPO / "requirements.lock").read_text()
+    return {re.sub(r"[-_.]+", "-", m[1]).lower(): m[2]
+            for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)$", text, flags=re.MULTILINE)}
+
+
+def test_the_image_and_ci_install_the_same_locked_versions():
+    """One lock for CI, `make` and the image: the torch, torchvision and ray CI runs are the locked
+    ones, and the Dockerfile installs under the same lock (so the GPU image runs the torch CI tests)."""
+    import importlib.metadata as md
+
+    locked = _locked()
+    for package in ("torch", "torchvision", "ray", "pydantic", "s3fs", "prometheus-client"):
+        assert md.version(package) == locked[package.lower()], package
+    assert len(locked) > 100, "the lock holds the whole dependency set, not a few pins"
     text = _dockerfile()
-    base_torch = _one(r"^FROM pytorch/pytorch:(\d+\.\d+\.\d+)-", text, "Dockerfile FROM")
-    assert _requirement("torch").specifier.contains(base_torch), (
-        f"the base image's torch {base_torch} does not satisfy pyproject's {_requirement('torch')}"
-    )
+    assert re.search(r"^COPY [^\n]*\brequirements\.lock\b", text, flags=re.MULTILINE)
     install = _one(r"pip install ([^\n]*?)(?:&&|$)", text, "Dockerfile pip install")
-    pins = _one(r"(?:-c|--constraint) (\S+)", install, "pip install constraint")
-    assert "md.version(p)" in text.split(f"> {pins}")[0].rsplit("RUN", 1)[1], (
-        f"{pins} must be written from the base image's installed torch and torchvision"
-    )
-    packages = shlex.split(install.replace(pins, ""))
-    assert not [p for p in packages if re.match(r"torch(vision)?\b", p)], "never install torch over the base"
+    assert re.search(r"(?:-c|--constraint) requirements\.lock\b", install), install
+    packages = shlex.split(re.sub(r"(?:-c|--constraint) \S+", "", install))
     assert "ray[default,train]==${RAY_VERSION}" in packages and "." in packages
+    makefile = (REPO / "Makefile").read_text()
+    assert "-c requirements.lock -e '.[test]'" in makefile
     # rsync and ssh for the cluster launcher and autoscaler; wget for KubeRay's probes.
     for tool in ("rsync", "openssh-client", "wget"):
         assert re.search(rf"apt-get install[^\n]*\b{tool}\b", text), tool
