@@ -19,14 +19,14 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from gradyard.callbacks import ProgressCallback
 from gradyard.checkpoint import CheckpointManager, TrainingStopped, record_start, resume, tensor_digest
 from gradyard.checkpoint.manager import redacted_spec
+from gradyard.collectives import broadcast, gather
 from gradyard.events import Callback, Event
 from gradyard.hostmem import tune_host_allocator
 from gradyard.job import JobSpec
@@ -68,22 +68,6 @@ def run_directory(spec: JobSpec, storage_url: Optional[str] = None, check: bool 
     if check:
         check_storage(base)
     return base.child(spec.name)
-
-
-def _broadcast(obj: Any, world_size: int) -> Any:
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def _gather(obj: Any, world_size: int) -> list:
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        out: list = [None] * world_size
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
 
 
 class RayReportCallback(Callback):
@@ -156,7 +140,7 @@ def run_worker(config: dict) -> dict:
     def say(message: str) -> None:
         print(f"[{name}] {redact(message)}", flush=True)
 
-    record = _broadcast(record_start(storage, say=say) if info.rank == 0 else None, info.world_size)
+    record = broadcast(record_start(storage, say=say) if info.rank == 0 else None, info.world_size)
     preemption = PreemptionNotice(spec.failure.preemption_grace_s)
     preemption.install(launcher)
     manager = CheckpointManager(spec, storage, rank=info.rank, world_size=info.world_size, record=record,
@@ -188,7 +172,7 @@ def run_worker(config: dict) -> dict:
         preemption.finished()
         if watchdog is not None:
             watchdog.close()
-    ranks = _gather({"rank": info.rank, "node": info.node, "node_ip": info.node_ip,
+    ranks = gather({"rank": info.rank, "node": info.node, "node_ip": info.node_ip,
                      "hostname": socket.gethostname(), "device": str(s.device), "pid": os.getpid()},
                     info.world_size)
     if info.rank != 0:

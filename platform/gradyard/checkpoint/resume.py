@@ -19,32 +19,15 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Optional
 
-import torch.distributed as dist
-
 from gradyard.checkpoint.format import COMPLETE, CheckpointInfo, CorruptCheckpoint, load_blobs, read_verified
 from gradyard.checkpoint.format import scan
 from gradyard.checkpoint.manager import CheckpointManager
 from gradyard.checkpoint.record import save_record
 from gradyard.checkpoint.states import load_into
+from gradyard.collectives import broadcast, gather
 from gradyard.storage import PATIENT
 
 log = logging.getLogger("gradyard.checkpoint")
-
-
-def _broadcast(obj: Any, world_size: int) -> Any:
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def _gather(obj: Any, world_size: int) -> list:
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        out: list = [None] * world_size
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
 
 
 def resume(manager: CheckpointManager, say: Callable[[str], None] = print) -> Optional[CheckpointInfo]:
@@ -76,7 +59,7 @@ def resume(manager: CheckpointManager, say: Callable[[str], None] = print) -> Op
                 except CorruptCheckpoint as exc:
                     m.store.note_corrupt(info, str(exc))
                     say(f"skipping checkpoint {info.name}: corrupt ({exc}); falling back to an older one")
-        shared = _broadcast(None if choice is None else
+        shared = broadcast(None if choice is None else
                             {"name": choice.name, "path": choice.path, "step": choice.step,
                              "files": choice.files, "run_id": choice.run_id}, world)
         if shared is None:
@@ -90,7 +73,7 @@ def resume(manager: CheckpointManager, say: Callable[[str], None] = print) -> Op
                 ok = True
             except CorruptCheckpoint as exc:
                 ok = str(exc)
-        verdicts = _gather(ok, world)
+        verdicts = gather(ok, world)
         bad = {r: v for r, v in enumerate(verdicts) if v is not True}
         if not bad:
             break
