@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     from gradyard.checkpoint import LeaseHeld, LeaseKeeper, acquire
     from gradyard.job import JobError, load_job
     from gradyard.storage import DEFAULT, PATIENT, StorageError, redact
-    from gradyard.worker import _broadcast, dist_info, run_directory, run_worker
+    from gradyard.collectives import broadcast
+    from gradyard.worker import dist_info, run_directory, run_worker
 
     p = argparse.ArgumentParser(prog="python -m gradyard.train",
                                 description="Train one job under torchrun (see the module docstring).")
@@ -56,11 +57,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
                 keeper = LeaseKeeper(acquire(run, purpose="train", policy=PATIENT if restarted else DEFAULT))
             except (JobError, StorageError) as exc:
                 problem = str(exc)
-        problem = _broadcast(problem, info.world_size)
+        problem = broadcast(problem, info.world_size)
         if problem:
             raise StorageError(problem)
         run = run_directory(spec, args.storage, check=False)
-        token = _broadcast(keeper.token if keeper else None, info.world_size)
+        token = broadcast(keeper.token if keeper else None, info.world_size)
     except (JobError, StorageError, LeaseHeld) as exc:
         if info.rank == 0:
             print(f"error: {redact(exc)}", file=sys.stderr)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     try:
         summary = run_worker({"spec": spec.model_dump(mode="json"), "storage": run.spec(),
                               "launcher": "torchrun", "lease": token, "callbacks": callbacks or []})
-        failed = _broadcast(summary.get("status") == "failed" if info.rank == 0 else None, info.world_size)
+        failed = broadcast(summary.get("status") == "failed" if info.rank == 0 else None, info.world_size)
     except TrainingStopped as exc:  # a restart helps (torchrun --max-restarts): say why, no traceback
         print(f"[rank {info.rank}] {redact(exc)}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED if isinstance(exc, Preempted) else 1
