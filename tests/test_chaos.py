@@ -40,11 +40,11 @@ def sets(*overrides: str) -> list[str]:
 
 
 def torchrun(storage: str, *overrides: str, slow: float = 0.05, restarts: int = 25, env: dict | None = None,
-             job: str = "circles") -> subprocess.Popen:
-    """``torchrun`` of gradyard's torchrun entry with slow steps (testkit's wrapper passes the fault in)."""
+             job: str = "circles", faults: tuple[str, ...] = ()) -> subprocess.Popen:
+    """``torchrun`` of gradyard's torchrun entry with slow steps (testkit's wrapper passes the faults in)."""
     cmd = [str(VENV_BIN / "python"), "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--max-restarts", str(restarts), "--monitor-interval", "0.2",
-           str(ROOT / "testkit" / "torchrun_faults.py"), "--slow", str(slow),
+           str(ROOT / "testkit" / "torchrun_faults.py"), "--slow", str(slow), *faults,
            str(JOBS / f"{job}.yaml"), "--storage", storage, *sets(*overrides)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, start_new_session=True)
@@ -246,6 +246,21 @@ def test_a_stopped_rank_is_detected_named_and_the_group_resumes(tmp_path, refere
     assert summary["restarts"] >= 1
     same_weights(summary, reference)
     assert time.monotonic() - stopped < 120
+
+
+# ------------------------------------------------------------------ a rank that reads other bytes
+
+
+def test_a_rank_reading_other_bytes_than_rank_0_sends_every_rank_to_an_older_checkpoint(tmp_path, reference):
+    """Finding 7: rank 1's copy of the newest checkpoint differs from what rank 0 verified (a node whose
+    filesystem serves a stale copy): it is caught against rank 0's digests, rank 0 says so, and both
+    ranks resume together from the next older checkpoint, never from bytes rank 0 did not check."""
+    finish(torchrun(str(tmp_path), slow=0.0))  # 48 steps, a checkpoint every 4, the newest three kept
+    out = finish(torchrun(str(tmp_path), "schedule.steps=52", slow=0.0,
+                          faults=("--stale-reads-rank", "1", "--stale-step", "48")))
+    assert "not every rank read rank 0's bytes (rank 1: model.pt does not match its sha256)" in out, out[-4000:]
+    assert "resumed from checkpoint at step 44" in out, out[-4000:]
+    assert summary_of(tmp_path / "circles")["steps"] == 52
 
 
 # ------------------------------------------------------------------ a second driver
