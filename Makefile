@@ -26,15 +26,21 @@ prometheus:
 	     || echo "could not install prometheus; its tests will fail under CI=true"; \
 	  else echo "prometheus not found; install it (apt-get install prometheus) to run its tests"; fi; }
 
-# Everything CI must check, the fast lane first (tests/conftest.py orders them), on two
-# pytest-xdist workers: much of the suite waits on processes, clusters and servers, and a
-# module whose tests share an expensive fixture stays on one worker (conftest's groups).
+# Everything CI must check, in three parts, every part run even when one before it fails:
+# the fast lane (seconds); the tests that measure this machine (calibration, regime verdicts),
+# alone on it; the rest on two pytest-xdist workers, since much of it waits on processes,
+# clusters and servers (a module whose tests share an expensive fixture stays on one worker).
+FAST := unit and not integration
 test: install prometheus
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	@status=0; \
+	$(PY) -m pytest -q -n 2 -m "$(FAST)" tests || status=1; \
+	$(PY) -m pytest -q -m "timing and not ($(FAST))" tests || status=1; \
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not timing and not ($(FAST))" tests || status=1; \
+	exit $$status
 
 # The fast lane alone: schema, storage, checkpoint rules, data readers, fuzzing; no cluster, no server.
 test-fast: install
-	$(PY) -m pytest -q -m "unit and not integration" tests
+	$(PY) -m pytest -q -m "$(FAST)" tests
 
 demo: install
 	$(VENV)/bin/gradyard run jobs/mnist-lenet.yaml --fresh

@@ -84,6 +84,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("unit") and SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+        if _module(item) in MEASURES_THE_MACHINE and not item.get_closest_marker("unit"):
+            item.add_marker(pytest.mark.timing)
         if _module(item) in ONE_WORKER:
             item.add_marker(pytest.mark.xdist_group(_module(item)))
     fast = [i for i in items if i.get_closest_marker("unit") and not i.get_closest_marker("integration")]
@@ -95,6 +97,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 LONGEST = ("test_bench_smoke", "test_chaos")
+
+MEASURES_THE_MACHINE = {"test_analysis"}
+"""Its tests calibrate the device and judge measured steps against it: a second worker beside them
+changes what they measure, so `make test` runs them alone (marker ``timing``)."""
 
 
 def _module(item) -> str:

@@ -379,6 +379,11 @@ class Fill(Callback):
     def on_event(self, event, state) -> None:
         if state.step not in self.at:
             return
+        # The checkpoint before this step lands first: the disk fills for the next one, whatever the
+        # (lowest-priority) writer's pace on a busy machine.
+        checkpointer = state.trainer.checkpointer
+        if checkpointer is not None and checkpointer.store is not None:
+            checkpointer.store.wait()
         ballast = self.disk / "ballast"
         ballast.unlink(missing_ok=True)
         pages = self.at[state.step]
