@@ -388,6 +388,37 @@ def test_classify_rules(kw, regime):
     assert d["regime"] == regime and isinstance(d["mfu"], float)
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("kw", [{}, {"batch_scaling_ratio": 1.05, "world_size": 4, "comm_bytes": 1e8,
+                                  "allreduce_busbw_bytes_per_s": 1e10, "comm_exposed_s": 0.2}],
+                         ids=["bare", "measured"])
+def test_regime_evidence_has_one_unit_per_number(kw):
+    """Every number a verdict carries has a unit (telemetry exports it as gradyard_regime_evidence_<unit>),
+    and each unit is what the key's name says it is."""
+    from gradyard.analysis.verdict import NUMBER_UNITS
+
+    v = classify(_evidence(**kw))
+    assert set(v.numbers) == set(NUMBER_UNITS)
+    for key, unit in NUMBER_UNITS.items():
+        value = v.numbers[key]
+        if unit is None:
+            assert value is None or isinstance(value, str), key
+        elif key.endswith("_bytes_per_s"):
+            assert unit == "bytes_per_second", key
+        elif key.endswith("_flops_per_s"):
+            assert unit == "flops_per_second", key
+        elif key.endswith("_s"):
+            assert unit == "seconds", key
+        elif key.endswith(("_share", "_ratio", "_position")) or key == "mfu":
+            assert unit == "ratio", key
+    by_unit = v.evidence_by_unit()
+    flat = {k: val for numbers in by_unit.values() for k, val in numbers.items()}
+    assert flat == {k: float(val) for k, val in v.numbers.items() if NUMBER_UNITS[k] and val is not None}
+    assert all(NUMBER_UNITS[k] == unit for unit, numbers in by_unit.items() for k in numbers)
+    if kw:
+        assert by_unit["seconds"]["allreduce_ideal_s"] > 0 and by_unit["ratio"]["batch_scaling_ratio"] == 1.05
+
+
 def test_report_writes_pictures_and_markdown(cpu_profile, tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -492,3 +523,5 @@ def test_cuda_calibration_and_regimes(tmp_path):
     assert 0.1 < tiny.numbers["time_per_op_s"] / profile.dispatch_overhead_s < 10
     paths = write_report(tiny, tiny_record.census, tiny_record.phases, profile, tmp_path)
     assert all(p.exists() for p in paths)
+    for v in (mm, ew, tiny):  # what the live analysis exports: the profiler's numbers too, each in its unit
+        assert v.evidence_by_unit()["ratio"]["device_idle_share"] == v.numbers["device_idle_share"]

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
+from gradyard.analysis.verdict import REGIMES
 from gradyard.checkpoint import CheckpointManager, RunRecord
 from gradyard.events import Callback, Event
 from gradyard.job import JobSpec, parse_job
@@ -51,7 +52,7 @@ from gradyard.telemetry.comm import (
     union_seconds,
 )
 from gradyard.telemetry.flops import PEAK_FLOPS, matmul_precision
-from gradyard.telemetry.metrics import IDENTITY_LABELS, host_name, identity_labels
+from gradyard.telemetry.metrics import EVIDENCE_UNITS, IDENTITY_LABELS, host_name, identity_labels
 from gradyard.telemetry.nvml import NvmlReader, gpu_identity
 from gradyard.trainer import DistInfo, Trainer
 from testkit import free_port
@@ -261,16 +262,74 @@ def test_mfu_with_calibrated_profile(tmp_path):
 
 
 @pytest.mark.unit
-def test_set_regime_keeps_one_series():
+def test_regime_is_a_stateset_and_its_evidence_one_metric_per_unit():
+    """Finding: gradyard_regime_info kept a state as a gauge whose label changed (each verdict removed a series
+    and made another), and gradyard_regime_evidence{key} mixed seconds, bytes/s, FLOP/s and ratios in one name."""
     m = TelemetryMetrics()
     m.bind(CPU_IDENTITY)
-    m.set_regime("data_bound", {"data_wait_share": 0.4, "note": "text is dropped"})
-    m.set_regime("compute_bound", {"mfu": 0.5})
-    assert sample(m, "gradyard_regime_info", regime="compute_bound") == 1
-    assert sample(m, "gradyard_regime_info", regime="data_bound") is None
-    assert sample(m, "gradyard_regime_evidence", regime="compute_bound", key="mfu") == 0.5
-    assert sample(m, "gradyard_regime_evidence", regime="data_bound", key="data_wait_share") is None
-    assert m.current_regime == "compute_bound"
+    m.set_regime("input", {"ratio": {"data_wait_share": 0.4}, "seconds": {"step_s": 0.2}})
+    m.set_regime("compute", {"ratio": {"mfu": 0.5}, "seconds": {"step_s": 0.1},
+                             "flops_per_second": {"achieved_flops_per_s": 2e12}})
+    states = {s: sample(m, "gradyard_regime", gradyard_regime=s) for s in REGIMES}
+    assert states == {s: float(s == "compute") for s in REGIMES}  # a StateSet: every state, one of them 1
+    assert m.current_regime == "compute"
+    assert sample(m, "gradyard_regime_evidence_ratio", key="mfu") == 0.5
+    assert sample(m, "gradyard_regime_evidence_ratio", key="data_wait_share") is None  # the old verdict's
+    assert sample(m, "gradyard_regime_evidence_seconds", key="step_s") == 0.1
+    assert sample(m, "gradyard_regime_evidence_flops_per_second", key="achieved_flops_per_s") == 2e12
+    with pytest.raises(ValueError, match="regime 'data_bound'"):
+        m.set_regime("data_bound")
+    with pytest.raises(ValueError, match="units"):
+        m.set_regime("compute", {"furlongs": {"step_s": 1.0}})
+
+
+@pytest.mark.unit
+def test_a_verdict_exports_every_number_under_its_unit():
+    """The live analysis' path: a real verdict's numbers, each in the metric of its unit, text left out."""
+    from gradyard.analysis.verdict import NUMBER_UNITS, Evidence, classify
+
+    verdict = classify(Evidence(step_s=1.0, data_s=0.6, flops=1e9, model_flops=1e9, bytes=1e8, n_ops=100,
+                                roofline_s=0.3, compute_side_s=0.3, memory_side_s=0.1, peak_flops_per_s=1e12,
+                                bandwidth_bytes_per_s=1e11, dispatch_overhead_s=1e-6))
+    m = TelemetryMetrics()
+    m.bind(CPU_IDENTITY)
+    m.set_regime(verdict.regime, verdict.evidence_by_unit())
+    assert sample(m, "gradyard_regime", gradyard_regime="input") == 1
+    exported = {}
+    for family in m.registry.collect():
+        if family.name.startswith("gradyard_regime_evidence_"):
+            for s in family.samples:
+                exported[s.labels["key"]] = (family.name.removeprefix("gradyard_regime_evidence_"), s.value)
+    numbers = {k: v for k, v in verdict.numbers.items() if NUMBER_UNITS[k] and v is not None}
+    assert exported == {k: (NUMBER_UNITS[k], float(v)) for k, v in numbers.items()}
+    assert {"step_s", "mfu", "data_wait_share", "achieved_flops_per_s", "bandwidth_bytes_per_s"} <= set(exported)
+
+
+@pytest.mark.unit
+def test_metric_names_say_their_type_and_unit():
+    """Counters end in _total and nothing else does; every name ends in its base unit (or is a
+    unitless count, info or state)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    units = ("_seconds", "_bytes", "_bytes_per_second", "_flops", "_flops_per_second", "_flops_per_byte",
+             "_ratio", "_ops", "_watts", "_hertz")
+    unitless = {"gradyard_steps", "gradyard_samples", "gradyard_timed_steps", "gradyard_checkpoints",
+                "gradyard_checkpoint_failures", "gradyard_restarts", "gradyard_world_size", "gradyard_loss",
+                "gradyard_observer_errors", "gradyard_worker_info", "gradyard_regime"}
+    m = TelemetryMetrics()
+    metrics = [v for v in vars(m).values() if isinstance(v, MetricWrapperBase)]
+    metrics += [g for v in vars(m).values() if isinstance(v, dict) for g in v.values()
+                if isinstance(g, MetricWrapperBase)]
+    names = set()
+    for metric in metrics:
+        (family,) = metric.describe()
+        name = family.name
+        names.add(name)
+        exposed = name + "_total" if family.type == "counter" else name
+        assert (family.type == "counter") == exposed.endswith("_total"), (name, family.type)
+        assert name.endswith(units) or name in unitless, name
+    assert {f"gradyard_regime_evidence_{u}" for u in EVIDENCE_UNITS} <= names
+    assert "gradyard_restarts" in names  # a gauge: the count so far, set at start, not counted up
 
 
 @pytest.mark.unit
@@ -408,6 +467,8 @@ def test_identity_labels_join_ray_train_and_dcgm_and_leave_job_and_instance_to_p
 
     m = TelemetryMetrics()
     metrics = [v for v in vars(m).values() if isinstance(v, MetricWrapperBase)]
+    metrics += [g for v in vars(m).values() if isinstance(v, dict) for g in v.values()
+                if isinstance(g, MetricWrapperBase)]  # the evidence, one gauge per unit
     assert len(metrics) > 20
     for metric in metrics:
         names = metric._labelnames
@@ -516,7 +577,7 @@ def _worker(rank: int, world_size: int, rdzv: str, sd_dir: str, run_dir: str, tr
 
     def regime(s):
         if s.step == 3:
-            metrics.set_regime("data_bound", {"data_wait_share": 0.5})
+            metrics.set_regime("input", {"ratio": {"data_wait_share": 0.5}})
 
     def report(s):
         results.put({"rank": rank, "steps": s.step, "grad_bytes": gradient_bytes(s.model),

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import JOBS, wait_until
+from gradyard.analysis.verdict import REGIMES
 from gradyard.job import load_job
 from gradyard.runner import run_job
 from testkit.faults import SlowSteps
@@ -74,9 +75,12 @@ def test_ray_job_metrics_answer_every_dashboard_panel(ray_cluster, tmp_path):
             grad_bytes = gradient_bytes(build_model(spec, build_datasets(spec)[2]))
             assert value(prom, f"gradyard_allreduce_step_bytes{sel}") == grad_bytes
             assert 0 < value(prom, f"gradyard_mfu_ratio{sel}") < 1
-        regimes = prom.query('gradyard_regime_info{ray_train_run_name="fashion-cnn"} == 1')
-        assert len(regimes) == 1
-        assert regimes[0]["metric"]["regime"] in ("compute", "memory", "overhead", "communication", "input")
+        # The live analysis (rank 0): one state of the StateSet is 1, and its evidence comes in base units.
+        states = prom.query('gradyard_regime{ray_train_run_name="fashion-cnn"}')
+        assert sorted(s["metric"]["gradyard_regime"] for s in states) == sorted(REGIMES)
+        assert sum(float(s["value"][1]) for s in states) == 1
+        assert value(prom, 'gradyard_regime_evidence_seconds{ray_train_run_name="fashion-cnn",key="step_s"}') > 0
+        assert 0 <= value(prom, 'gradyard_regime_evidence_ratio{ray_train_run_name="fashion-cnn",key="mfu"}') < 1
         t.join(240)
         assert "summary" in result, result.get("error")
         assert result["summary"]["steps"] == 150

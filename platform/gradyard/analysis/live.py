@@ -2,7 +2,8 @@
 
 Rank 0 writes ``<run>/analysis/step.json`` (what ``gradyard analyze`` reads)
 and ``<run>/analysis/verdict.json``, prints the verdict, and sets
-``gradyard_regime_info{regime=...}`` when telemetry is on.
+the ``gradyard_regime`` state and its ``gradyard_regime_evidence_<unit>`` when
+telemetry is on.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def live_analysis(storage: Storage, rank: int, *, at_step: int = 5, metrics: Any
         for name, payload in (("step.json", record.to_dict()), ("verdict.json", verdict.to_dict())):
             storage.write_json(storage.join("analysis", name), payload)
         if metrics is not None:
-            metrics.set_regime(verdict.regime, verdict.numbers)
+            metrics.set_regime(verdict.regime, verdict.evidence_by_unit())
         shown = [f"{k} {v:.3g}" for k, v in verdict.numbers.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)][:5]
         print(f"[analysis] step {record.step}: {verdict.regime}-bound ({', '.join(shown)})", flush=True)

@@ -29,6 +29,7 @@ are read together when a verdict is questioned.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -99,6 +100,28 @@ class Evidence:
         return max(self.step_s - self.data_s - self.comm_exposed_s, 1e-12)
 
 
+NUMBER_UNITS: dict[str, Optional[str]] = {
+    "step_s": "seconds", "compute_s": "seconds", "roofline_s": "seconds", "time_per_op_s": "seconds",
+    "dispatch_overhead_s": "seconds", "allreduce_ideal_s": "seconds",
+    "bytes_per_step": "bytes", "comm_bytes_per_step": "bytes",
+    "achieved_bandwidth_bytes_per_s": "bytes_per_second", "bandwidth_bytes_per_s": "bytes_per_second",
+    "flops_per_step": "flops", "model_flops_per_step": "flops",
+    "achieved_flops_per_s": "flops_per_second", "peak_flops_per_s": "flops_per_second",
+    "arithmetic_intensity": "flops_per_byte", "ridge_point": "flops_per_byte",
+    "ops_per_step": "ops",
+    "mfu": "ratio", "roofline_position": "ratio", "bandwidth_share": "ratio", "device_idle_share": "ratio",
+    "dispatch_share": "ratio", "sized_ops_share": "ratio", "communication_share": "ratio",
+    "data_wait_share": "ratio", "batch_scaling_ratio": "ratio",
+    "device": None, "dtype": None, "roofline_side": None, "device_idle_source": None, "overhead_source": None,
+}
+"""The unit of every evidence number of :func:`classify` (None: text, left to verdict.json and the logs).
+
+Telemetry exports each unit as a metric of its own
+(``gradyard_regime_evidence_<unit>{key}``, :mod:`gradyard.telemetry.metrics`):
+one name never mixes seconds with bytes per second.
+"""
+
+
 @dataclass
 class Remedy:
     regime: str
@@ -120,6 +143,23 @@ class Verdict:
     def to_dict(self) -> dict[str, Any]:
         return {"regime": self.regime, **self.numbers, "shares": self.shares,
                 "remedies": [asdict(r) for r in self.remedies], "notes": self.notes}
+
+    def evidence_by_unit(self) -> dict[str, dict[str, float]]:
+        """The finite evidence numbers grouped by unit (:data:`NUMBER_UNITS`): {unit: {key: value}}.
+
+        Numbers that were not measured (None) are left out; a number without a
+        unit in the table is an error, not a guess.
+        """
+        out: dict[str, dict[str, float]] = {}
+        for key, value in self.numbers.items():
+            unit = NUMBER_UNITS[key]
+            if unit is None or value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"evidence {key!r} is {value!r}, expected a number of {unit}")
+            if math.isfinite(value):
+                out.setdefault(unit, {})[key] = float(value)
+        return out
 
     def to_json(self, indent: Optional[int] = None) -> str:
         """One JSON object: ``regime`` and the evidence numbers beside it."""

@@ -14,14 +14,14 @@ at scrape time (memory, NVML) live in :mod:`gradyard.telemetry.resources`.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 from typing import Any, Mapping, Optional
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 
+from gradyard.analysis.verdict import NUMBER_UNITS, REGIMES
 from gradyard.telemetry.nvml import gpu_identity
 
 IDENTITY_LABELS = ("ray_train_run_name", "gradyard_run", "ray_train_worker_world_rank", "Hostname", "gpu", "UUID")
@@ -42,6 +42,10 @@ Never ``job`` or ``instance``: those are Prometheus' own (scrape job and target)
 
 PHASES = ("data", "forward", "backward", "optimizer", "comm_exposed")
 """Step phases; they partition the step time (see :mod:`gradyard.telemetry.timing`)."""
+
+EVIDENCE_UNITS = tuple(sorted({u for u in NUMBER_UNITS.values() if u is not None}))
+"""One ``gradyard_regime_evidence_<unit>{key}`` metric per unit of the verdict's evidence
+(:data:`gradyard.analysis.verdict.NUMBER_UNITS` says which key has which)."""
 
 # Checkpoint stalls range from milliseconds (async snapshot) to minutes (a
 # blocking upload of a large model).
@@ -82,7 +86,7 @@ class TelemetryMetrics:
         self.identity: Optional[dict[str, str]] = None
         self._regime: Optional[str] = None
         self._children: dict[tuple, Any] = {}
-        self._evidence_keys: list[str] = []
+        self._evidence_keys: list[tuple[str, str]] = []
         r, L = self.registry, IDENTITY_LABELS
 
         # -- step time (timing.py); measured-FLOP steps are left out of these
@@ -160,13 +164,16 @@ class TelemetryMetrics:
             "gradyard_observer_errors", "Failures of best-effort components (telemetry, analysis) in this "
             "process, by component; training went on.", L + ("component",), registry=r)
 
-        # -- analysis hook (set_regime)
-        self.regime = Gauge(
-            "gradyard_regime_info", "1 for the performance regime the analysis assigns to this worker.",
-            L + ("regime",), registry=r)
-        self.regime_evidence = Gauge(
-            "gradyard_regime_evidence", "Numeric evidence behind the current regime.",
-            L + ("regime", "key"), registry=r)
+        # -- analysis hook (set_regime): the regime is a state (a StateSet: one
+        # series per state, 1 for the current one); its evidence one metric per unit.
+        self.regime = Enum(
+            "gradyard_regime", "The performance regime the analysis assigns to this worker (1 for the current one).",
+            L, states=list(REGIMES), registry=r)
+        self.regime_evidence = {
+            unit: Gauge(f"gradyard_regime_evidence_{unit}",
+                        f"Evidence behind the current regime, in {unit.replace('_', ' ')}; key: its name in "
+                        "verdict.json.", L + ("key",), registry=r)
+            for unit in EVIDENCE_UNITS}
 
     # ------------------------------------------------------------ identity
 
@@ -195,27 +202,29 @@ class TelemetryMetrics:
 
     # ------------------------------------------------------------ analysis
 
-    def set_regime(self, regime: str, evidence: Optional[Mapping[str, Any]] = None) -> None:
-        """Mark ``regime`` as current (value 1) and export its numeric evidence.
+    def set_regime(self, regime: str, evidence: Optional[Mapping[str, Mapping[str, float]]] = None) -> None:
+        """Make ``regime`` the current state of ``gradyard_regime`` and export its evidence.
 
-        Called by the analysis module; the previous regime's series are removed,
-        so exactly one ``gradyard_regime_info`` series is 1 at a time.
+        ``evidence`` is {unit: {key: value}} (``Verdict.evidence_by_unit()``);
+        each unit is a metric of its own.  Called by the analysis; a key the new
+        verdict lacks is removed, so no series outlives the verdict it came from.
         """
-        ident = [self.identity[k] for k in IDENTITY_LABELS] if self.identity else None
-        if ident is None:
+        if self.identity is None:
             raise RuntimeError("TelemetryMetrics.bind() has not been called (FIT_START not seen)")
-        if self._regime is not None:
-            self.regime.remove(*ident, self._regime)
-            for key in self._evidence_keys:
-                self.regime_evidence.remove(*ident, self._regime, key)
-        self._regime, self._evidence_keys = regime, []
-        self.regime.labels(*ident, regime).set(1)
-        for key, value in (evidence or {}).items():
-            # Only numbers make sense as a sample value; text evidence stays in logs.
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                continue
-            self.regime_evidence.labels(*ident, regime, str(key)).set(float(value))
-            self._evidence_keys.append(str(key))
+        if regime not in REGIMES:
+            raise ValueError(f"regime {regime!r}, expected one of {REGIMES}")
+        unknown = set(evidence or {}) - set(EVIDENCE_UNITS)
+        if unknown:
+            raise ValueError(f"evidence in units {sorted(unknown)}; gradyard_regime_evidence_* has {EVIDENCE_UNITS}")
+        ident = [self.identity[k] for k in IDENTITY_LABELS]
+        self.regime.labels(*ident).state(regime)
+        keys = [(unit, str(key)) for unit, numbers in (evidence or {}).items() for key in numbers]
+        for unit, key in set(self._evidence_keys) - set(keys):
+            self.regime_evidence[unit].remove(*ident, key)
+        for unit, numbers in (evidence or {}).items():
+            for key, value in numbers.items():
+                self.regime_evidence[unit].labels(*ident, str(key)).set(float(value))
+        self._regime, self._evidence_keys = regime, keys
 
     @property
     def current_regime(self) -> Optional[str]:
