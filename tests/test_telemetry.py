@@ -61,7 +61,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/gpu-efficiency.json"
 PROM_CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
 RULES = ROOT / "deploy/prometheus/rules/gradyard.rules.yml"
-RULE_TESTS = ROOT / "deploy/prometheus/tests/gradyard.rules.test.yml"
+ALERTS = ROOT / "deploy/prometheus/rules/gradyard.alerts.yml"
+RULE_FILES = sorted((ROOT / "deploy/prometheus/rules").glob("*.yml"))
+RULE_TESTS = sorted((ROOT / "deploy/prometheus/tests").glob("*.yml"))
 CI = os.environ.get("CI", "").lower() == "true"
 
 # ------------------------------------------------------------------ helpers
@@ -397,12 +399,58 @@ def _promtool() -> str:
 
 @pytest.mark.unit
 def test_promtool_checks_config_and_rules():
-    """Syntax, and the rules' unit tests: MFU per worker and per run, and the DCGM join on (Hostname, gpu)."""
+    """Syntax, and the rules' unit tests: MFU per worker and per run, the DCGM joins on (Hostname, gpu), and
+    every alert firing and quiet.  The shipped config loads every rules file there is."""
+    config = yaml.safe_load(PROM_CONFIG.read_text())
+    assert sorted(PROM_CONFIG.parent / f for f in config["rule_files"]) == RULE_FILES
+    assert {RULES, ALERTS} <= set(RULE_FILES) and len(RULE_TESTS) >= 2
     tool = _promtool()
-    for args in (["check", "rules", str(RULES)], ["check", "config", str(PROM_CONFIG)],
-                 ["test", "rules", str(RULE_TESTS)]):
-        out = subprocess.run([tool, *args], capture_output=True, text=True, timeout=60)
+    for args in (["check", "config", str(PROM_CONFIG)], ["check", "rules", *map(str, RULE_FILES)],
+                 ["test", "rules", *map(str, RULE_TESTS)]):
+        out = subprocess.run([tool, *args], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+def alert_rules() -> list[dict]:
+    return [r for f in RULE_FILES for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]
+            if "alert" in r]
+
+
+@pytest.mark.unit
+def test_every_alert_has_a_promtool_test_that_fires_and_one_that_stays_quiet():
+    alerts = {r["alert"] for r in alert_rules()}
+    assert alerts == {"GradyardTrainingStalled", "GradyardCheckpointFailing", "GradyardTargetDown",
+                      "GradyardMFUCollapsed", "GradyardDataWaitHigh"}
+    fires, quiet = set(), set()
+    for path in RULE_TESTS:
+        doc = yaml.safe_load(path.read_text())
+        loaded = {(path.parent / f).resolve() for f in doc["rule_files"]}
+        for test in doc["tests"]:
+            for case in test.get("alert_rule_test", []):
+                assert case["alertname"] in alerts, (path.name, case["alertname"])
+                assert ALERTS.resolve() in loaded, path.name
+                (fires if case.get("exp_alerts") else quiet).add(case["alertname"])
+    assert not alerts - fires, f"alerts never tested firing: {sorted(alerts - fires)}"
+    assert not alerts - quiet, f"alerts never tested quiet: {sorted(alerts - quiet)}"
+
+
+@pytest.mark.unit
+def test_alerts_say_how_long_how_bad_and_which_worker():
+    for r in alert_rules():
+        name = r["alert"]
+        assert re.fullmatch(r"\d+m", r["for"]), name
+        assert r["labels"] == {"severity": r["labels"]["severity"]} and r["labels"]["severity"] in (
+            "critical", "warning"), name
+        assert set(r["annotations"]) == {"summary", "description"}, name
+        text = r["annotations"]["summary"] + r["annotations"]["description"]
+        for label in ("ray_train_run_name", "gradyard_run", "ray_train_worker_world_rank", "Hostname"):
+            assert f"$labels.{label}" in text, (name, label)
+        used = set(re.findall(r"\$labels\.(\w+)", text))
+        assert used <= set(IDENTITY_LABELS) | {"instance"}, (name, used)
+        # Joins and groupings on a worker's identity or its target (job, instance), nothing else.
+        grouped = {n.strip() for g in re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", r["expr"])
+                   for n in g.split(",") if n.strip()}
+        assert grouped <= set(IDENTITY_LABELS) | {"job", "instance"}, (name, grouped)
 
 
 def dashboard_panels(dash: dict) -> list[dict]:
@@ -606,7 +654,7 @@ class Prometheus:
     def __init__(self, binary: str, workdir: Path, sd_dir: Path):
         config = yaml.safe_load(PROM_CONFIG.read_text())
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-        config["rule_files"] = [str(RULES)]
+        config["rule_files"] = [str(PROM_CONFIG.parent / f) for f in config["rule_files"]]  # alerts too
         (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "gradyard"]
         job["file_sd_configs"] = [{"files": [str(sd_dir / "*.json")], "refresh_interval": "1s"}]
         config["scrape_configs"] = [job]
