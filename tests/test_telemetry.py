@@ -1,5 +1,6 @@
 """Telemetry: the pieces, the real Trainer with its telemetry on, a real 2-worker gloo run scraped by a
-real Prometheus, and the CUDA path.
+real Prometheus, and the CUDA path; and what deploy/ ships beside them: the Prometheus config, recording
+rules and alerts (promtool), the dashboard and Grafana's provisioning.
 
 Every run here is gradyard's own Trainer (with its checkpoint manager) on a tiny MLP job; tests add
 callbacks of their own (slow data, a gate at the end) the way any callback attaches.
@@ -482,6 +483,67 @@ def test_dashboard_shape():
             assert 'ray_train_run_name=~"$run_name"' in t["expr"], (p["title"], t["expr"])
             assert_labels_are_current(t["expr"], allowed={"phase", "bucket"})
             assert not re.search(r"\{\{(job|instance|run|rank|node|device)\}\}", t.get("legendFormat", "")), t
+
+
+@pytest.mark.unit
+def test_dcgm_row_is_collapsed_and_joins_on_host_and_gpu():
+    """DCGM's panels sit in a collapsed row: without DCGM exporter they would be empty boxes (their queries
+    return nothing; gpu_only() below checks that on a CPU run).  They read the join rules, never raw DCGM."""
+    dash = json.loads(DASHBOARD.read_text())
+    (row,) = [p for p in dash["panels"] if p["type"] == "row" and "DCGM" in p["title"]]
+    assert row["collapsed"] is True and row is dash["panels"][-1]
+    inside = {p["title"]: [t["expr"] for t in p["targets"]] for p in row["panels"]}
+    assert set(inside) == {"SM active (DCGM)", "Tensor pipe active (DCGM)", "MFU beside tensor pipe activity (DCGM)"}
+    records = {r["record"]: r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    used = set()
+    for p in dashboard_panels(dash):
+        for t in p["targets"]:
+            assert not re.search(r"(?<!:)\bDCGM_", t["expr"]), (p["title"], "raw DCGM series, not the join")
+            used |= set(re.findall(r"worker:DCGM_\w+:max", t["expr"]))
+    assert used == {"worker:DCGM_FI_PROF_SM_ACTIVE:max", "worker:DCGM_FI_PROF_PIPE_TENSOR_ACTIVE:max"}
+    for name in used:
+        dcgm = name.split(":")[1]
+        assert f"max by (Hostname, gpu) ({dcgm})" in records[name] and "on (Hostname, gpu)" in records[name]
+    assert any("worker:DCGM_FI_PROF_PIPE_TENSOR_ACTIVE:max" in e for e in inside["Tensor pipe active (DCGM)"])
+
+
+PROVISIONING = ROOT / "deploy/grafana/provisioning"
+RAY_DASHBOARDS = "/tmp/ray/session_latest/metrics/grafana/dashboards"
+"""Where Ray's dashboard writes its Grafana dashboards: <temp dir>/session_latest/metrics/grafana/dashboards
+(ray.dashboard.modules.metrics.metrics_head; tests/test_telemetry_ray.py checks a real head writes them)."""
+
+
+@pytest.mark.unit
+def test_grafana_provisioning_parses_and_points_where_the_dashboards_are():
+    files = sorted(PROVISIONING.rglob("*"))
+    files = [f for f in files if f.is_file()]
+    assert {f.relative_to(PROVISIONING).as_posix() for f in files} == {
+        "dashboards/gradyard.yaml", "dashboards/ray.yaml", "datasources/prometheus.yaml"}
+    docs = (ROOT / "docs/telemetry.md").read_text()
+    for f in files:
+        assert yaml.safe_load(f.read_text())["apiVersion"] == 1, f
+        assert f"deploy/grafana/provisioning/{f.relative_to(PROVISIONING).as_posix()}" in docs, f
+
+    providers = {p["name"]: (f, p) for f in sorted(PROVISIONING.glob("dashboards/*.yaml"))
+                 for p in yaml.safe_load(f.read_text())["providers"]}
+    assert set(providers) == {"gradyard", "ray"}
+    assert len({p["folder"] for _, p in providers.values()}) == 2  # each in a folder of its own
+    for name, (f, p) in providers.items():
+        assert p["type"] == "file" and p["options"]["path"].startswith("/"), name
+        assert p["options"]["path"] in docs, name
+    # gradyard's: the mount its header shows puts deploy/grafana/dashboards at the path it reads.
+    f, p = providers["gradyard"]
+    assert f"$PWD/deploy/grafana/dashboards:{p['options']['path']}" in f.read_text()
+    assert [json.loads(d.read_text())["uid"] for d in sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))]
+    # Ray's: the head's latest session, where Ray writes them.
+    assert providers["ray"][1]["options"]["path"] == RAY_DASHBOARDS
+    assert providers["ray"][1]["folder"] == "Ray"
+
+    # The datasource every gradyard dashboard defaults to, and the default Ray's pick.
+    (source,) = yaml.safe_load((PROVISIONING / "datasources/prometheus.yaml").read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["isDefault"] is True
+    variables = {v["name"]: v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+    assert variables["datasource"]["current"]["value"] == source["uid"]
 
 
 OLD_LABELS = ("job", "instance", "run", "rank", "node", "device")

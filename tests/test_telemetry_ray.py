@@ -8,13 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import JOBS, wait_until
 from gradyard.analysis.verdict import REGIMES
 from gradyard.job import load_job
 from gradyard.runner import run_job
 from testkit.faults import SlowSteps
-from test_telemetry import Prometheus, assert_prometheus_labels, gpu_only, panel_queries, prometheus_binary
+from test_telemetry import ROOT, Prometheus, assert_prometheus_labels, gpu_only, panel_queries, prometheus_binary
 
 pytestmark = [pytest.mark.ray, pytest.mark.prometheus]
 
@@ -81,6 +82,13 @@ def test_ray_job_metrics_answer_every_dashboard_panel(ray_cluster, tmp_path):
         assert sum(float(s["value"][1]) for s in states) == 1
         assert value(prom, 'gradyard_regime_evidence_seconds{ray_train_run_name="fashion-cnn",key="step_s"}') > 0
         assert 0 <= value(prom, 'gradyard_regime_evidence_ratio{ray_train_run_name="fashion-cnn",key="mfu"}') < 1
+        # Ray's own dashboards are where deploy/grafana/provisioning/dashboards/ray.yaml has Grafana look,
+        # under this cluster's temp dir instead of /tmp/ray.
+        (provider,) = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/ray.yaml").read_text())[
+            "providers"]
+        written = Path(ray_cluster.temp_dir) / Path(provider["options"]["path"]).relative_to("/tmp/ray")
+        assert {"default_grafana_dashboard.json", "train_grafana_dashboard.json"} <= {
+            p.name for p in written.glob("*.json")}, written
         t.join(240)
         assert "summary" in result, result.get("error")
         assert result["summary"]["steps"] == 150
