@@ -89,3 +89,34 @@ def make_mammographic(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(MAMMO)
     return path
+
+
+def write_job_datasets(root: Path) -> None:
+    """Every shipped job's data in its real format under ``root`` (see :func:`real_data_overrides`),
+    and pretrained EfficientNet-B0 weights of the right shapes (random: nothing is downloaded)."""
+    import torch
+    import torchvision
+
+    make_mnist(root / "FashionMNIST" / "raw", gz=True, n_train=16, n_test=8)
+    make_imagefolder(root / "food", per_class=4, size=(70, 70))
+    make_aclimdb(root)
+    make_mammographic(root / "mammographic_masses.data")
+    torch.save(torchvision.models.efficientnet_b0(weights=None).state_dict(), root / "efficientnet_b0.pth")
+
+
+def real_data_overrides(job: str, root: Path) -> list[str]:
+    """`--set` overrides that point ``job`` at the data :func:`write_job_datasets` wrote (built-in
+    sources need none; AlexNet trains on synthetic data of its real 224x224 shape)."""
+    return {
+        "fashion-linear": [f"data.source={root}/FashionMNIST/raw"],
+        "fashion-nonlinear": [f"data.source={root}/FashionMNIST/raw"],
+        "fashion-cnn": [f"data.source={root}/FashionMNIST/raw"],
+        "tinyvgg": [f"data.source={root}/food", "data.loader_workers=0"],
+        "efficientnet-transfer": [f"data.source={root}/food", f"model.pretrained={root}/efficientnet_b0.pth",
+                                  "data.loader_workers=0"],
+        "imdb-lstm": [f"data.source={root}/aclImdb"],
+        "mammogram-mlp": [f"data.source={root}/mammographic_masses.data"],
+        "alexnet": ["data.source=synthetic", "data.format=null", "data.num_samples=16",
+                    "data.loader_workers=0", "data.pin_memory=false", "scaling.use_gpu=false",
+                    "schedule.precision=fp32"],
+    }.get(job, [])

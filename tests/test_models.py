@@ -9,6 +9,7 @@ from torch import nn
 
 import inspect
 
+from conftest import JOBS
 from gradyard.catalogue import CATALOGUE, check_job
 from gradyard.data import DataInfo
 from gradyard.job import JobError, parse_job
@@ -180,3 +181,26 @@ def test_the_catalogue_describes_each_builder_exactly(arch):
     defaults = {n: p.default for n, p in inspect.signature(BUILDERS[arch]).parameters.items()
                 if n in entry.params}
     assert {k: (tuple(v) if isinstance(v, list) else v) for k, v in entry.params.items()} == defaults
+
+
+@pytest.mark.integration  # builds AlexNet and EfficientNet twice: out of the seconds-long fast lane
+@pytest.mark.parametrize("job", sorted(p.stem for p in JOBS.glob("*.yaml")))
+def test_synthetic_data_builds_the_same_model_as_the_real_data(job, tmp_path_factory):
+    """`--set data.source=synthetic` on any shipped job: data of the shape the job's own data has, so
+    the same model (parameter count) as with its real files or built-in source."""
+    from gradyard.data import build_datasets
+    from gradyard.job import load_job
+    from testkit.datafiles import real_data_overrides, write_job_datasets
+
+    root = tmp_path_factory.getbasetemp() / "job-datasets"
+    if not root.exists():
+        write_job_datasets(root)
+    real = load_job(JOBS / f"{job}.yaml", real_data_overrides(job, root))
+    fake = load_job(JOBS / f"{job}.yaml", [o for o in real_data_overrides(job, root)
+                                           if not o.startswith(("data.source=", "data.format="))]
+                    + ["data.source=synthetic", "data.num_samples=16"])
+    counts = []
+    for spec in (real, fake):
+        _, _, info = build_datasets(spec)
+        counts.append((count_parameters(build_model(spec, info)), info.input_shape, info.num_classes))
+    assert counts[0] == counts[1], counts

@@ -13,46 +13,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from conftest import JOBS
 from gradyard import hostmem
 from gradyard.job import load_job
 from testkit.bundle import run_each
-from testkit.datafiles import make_aclimdb, make_imagefolder, make_mammographic, make_mnist
+from testkit.datafiles import real_data_overrides, write_job_datasets
 
 pytestmark = pytest.mark.ray
 
 ACCURACY = {"circles": 0.95, "blobs": 0.95, "mnist-lenet": 0.95, "breast-cancer-mlp": 0.93}
 ALL_JOBS = sorted(p.stem for p in JOBS.glob("*.yaml"))
-
-
-def _write_datasets(root) -> None:
-    """Datasets in their real on-disk formats, and pretrained weights."""
-    make_mnist(root / "FashionMNIST" / "raw", gz=True, n_train=16, n_test=8)
-    make_imagefolder(root / "food", per_class=4, size=(70, 70))
-    make_aclimdb(root)
-    make_mammographic(root / "mammographic_masses.data")
-    import torchvision
-
-    torch.save(torchvision.models.efficientnet_b0(weights=None).state_dict(), root / "efficientnet_b0.pth")
-
-
-def _data_overrides(job: str, root) -> list[str]:
-    return {
-        "fashion-linear": [f"data.source={root}/FashionMNIST/raw"],
-        "fashion-nonlinear": [f"data.source={root}/FashionMNIST/raw"],
-        "fashion-cnn": [f"data.source={root}/FashionMNIST/raw"],
-        "tinyvgg": [f"data.source={root}/food", "data.loader_workers=0"],
-        "efficientnet-transfer": [f"data.source={root}/food", f"model.pretrained={root}/efficientnet_b0.pth",
-                                  "data.loader_workers=0"],
-        "imdb-lstm": [f"data.source={root}/aclImdb"],
-        "mammogram-mlp": [f"data.source={root}/mammographic_masses.data"],
-        # AlexNet at its real 224x224 input, on synthetic data of that shape.
-        "alexnet": ["data.source=synthetic", "data.format=null", "data.num_samples=16",
-                    "data.loader_workers=0", "data.pin_memory=false", "scaling.use_gpu=false",
-                    "schedule.precision=fp32"],
-    }.get(job, [])
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +35,13 @@ def summaries(ray_cluster, tmp_path_factory) -> dict:
     from gradyard.worker import run_directory
 
     data = tmp_path_factory.mktemp("datasets")
-    _write_datasets(data)
+    write_job_datasets(data)
     runs_dir = tmp_path_factory.mktemp("runs")
     runs, where = [], {}
     for job in ACCURACY:
         runs.append((f"acc-{job}", job, ["telemetry.enabled=false"]))
     for job in ALL_JOBS:
-        runs.append((f"two-{job}", job, _data_overrides(job, data) + [
+        runs.append((f"two-{job}", job, real_data_overrides(job, data) + [
             "schedule.epochs=null", "schedule.steps=2", "data.batch_size=2", "telemetry.enabled=false",
             "checkpoint.every_seconds=null", "checkpoint.every_steps=1"]))
     configs = []
