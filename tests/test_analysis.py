@@ -35,9 +35,9 @@ from gradyard.analysis import (
     format_verdict,
     probe,
     run_analyze,
-    workloads,
     write_report,
 )
+from testkit import workloads
 from gradyard.analysis.calibrate import (
     measure_bandwidth,
     measure_dispatch_overhead,

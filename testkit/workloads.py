@@ -1,9 +1,9 @@
 """Reference workloads whose regime is known, for tests and for checking a device.
 
 Each returns a :class:`~gradyard.analysis.probe.Workload` sized for the
-device type (CPU sizes keep a 2-core machine under a second per step).  They
-live in the package, like accelerate's test scripts, so the same code runs in
-the CPU unit tests, the CUDA test and a 2-process gloo job.
+device type (CPU sizes keep a 2-core machine under a second per step).  Test
+support, outside the installed package: the same code runs in the CPU tests,
+the CUDA test and a 2-process gloo job.
 """
 
 from __future__ import annotations
