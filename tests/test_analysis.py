@@ -463,9 +463,10 @@ def test_cuda_profiler_arithmetic_busy_idle_and_exposed_nccl():
 
     from torch.autograd import DeviceType
 
-    from gradyard.analysis.census import _finish_profiler, _union_length
+    from gradyard.analysis.census import _finish_profiler
+    from gradyard.intervals import union_seconds
 
-    assert _union_length([(0, 2), (1, 3), (5, 6)]) == 4
+    assert union_seconds([(0, 2), (1, 3), (5, 6)]) == 4
 
     def kernel(name, start_us, end_us):
         return NS(device_type=DeviceType.CUDA, name=name, time_range=NS(start=start_us, end=end_us))

@@ -46,11 +46,11 @@ from gradyard.telemetry import (
     find_metrics,
     peak_flops,
 )
+from gradyard.intervals import union_seconds
 from gradyard.telemetry.comm import (
     bus_bandwidth,
     comm_stats,
     gradient_bytes,
-    union_seconds,
 )
 from gradyard.telemetry.flops import PEAK_FLOPS, matmul_precision
 from gradyard.telemetry.metrics import EVIDENCE_UNITS, IDENTITY_LABELS, host_name, identity_labels

@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from gradyard.analysis.opclass import CLASSES, COMMUNICATION, ELEMENTWISE, REDUCTION, op_class, qualified_name
+from gradyard.intervals import union_seconds
 
 log = logging.getLogger(__name__)
 
@@ -309,18 +310,6 @@ class CensusMode(TorchDispatchMode):
 # Timing
 
 
-def _union_length(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if a > end:
-            total += b - a
-            end = b
-        elif b > end:
-            total += b - end
-            end = b
-    return total
-
-
 def _start_profiler(device_type: str) -> Optional[Any]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -352,9 +341,9 @@ def _finish_profiler(prof: Any, census: Census, wall_s: float) -> None:
             if e.device_type == DeviceType.CUDA:
                 iv = (e.time_range.start / 1e6, e.time_range.end / 1e6)
                 (comm if "nccl" in e.name.lower() else kernels).append(iv)
-        census.device_busy_s = _union_length(kernels + comm)
+        census.device_busy_s = union_seconds(kernels + comm)
         # Exposed communication: NCCL time during which no compute kernel ran.
-        census.comm_exposed_s = max(0.0, census.device_busy_s - _union_length(kernels)) if comm else 0.0
+        census.comm_exposed_s = max(0.0, census.device_busy_s - union_seconds(kernels)) if comm else 0.0
 
 
 def _sync(device_type: str) -> None:

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from gradyard.events import Callback, Event
+from gradyard.intervals import union_seconds
 from gradyard.telemetry.clock import clock_for
 from gradyard.telemetry.metrics import TelemetryMetrics, identity_labels
 
@@ -49,24 +50,6 @@ def gradient_bytes(model: torch.nn.Module) -> int:
 def bus_bandwidth(algbw: float, world_size: int) -> float:
     """nccl-tests bus bandwidth of an allreduce: algbw * 2(n-1)/n."""
     return algbw * 2.0 * (world_size - 1) / world_size
-
-
-def union_seconds(intervals: list[tuple[float, float]], lo: float = float("-inf"),
-                  hi: float = float("inf")) -> float:
-    """Length of the union of ``intervals`` clipped to [lo, hi]."""
-    total, cur_start, cur_end = 0.0, None, None
-    for start, end in sorted((max(s, lo), min(e, hi)) for s, e in intervals):
-        if end <= start:
-            continue
-        if cur_end is None or start > cur_end:
-            if cur_end is not None:
-                total += cur_end - cur_start
-            cur_start, cur_end = start, end
-        else:
-            cur_end = max(cur_end, end)
-    if cur_end is not None:
-        total += cur_end - cur_start
-    return total
 
 
 def allreduce_and_wait(group: Any, buffer: torch.Tensor) -> None:
