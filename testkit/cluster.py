@@ -28,8 +28,11 @@ VENV_BIN = Path(sys.executable).parent
 class RayCluster:
     def __init__(self, ip: str = "127.0.0.1", num_cpus: int = 4, tag_var: str = "GRADYARD_TEST_CLUSTER",
                  temp_dir: Optional[str] = None, log: Optional[Path] = None, worker_ports: str = "20000-20999",
-                 fast_health_checks: bool = True):
+                 fast_health_checks: bool = True, head_args: tuple[str, ...] = (),
+                 extra_env: Optional[dict] = None):
         self.ip, self.num_cpus, self.tag_var = ip, num_cpus, tag_var
+        # e.g. ``--autoscaling-config=...`` with ``RAY_FAKE_CLUSTER=1``: an autoscaler that adds nodes.
+        self.head_args, self.extra_env = head_args, dict(extra_env or {})
         self.temp_dir = temp_dir or tempfile.mkdtemp(prefix="gyray-", dir="/tmp")
         self.log = log
         self.tag = uuid.uuid4().hex
@@ -50,6 +53,7 @@ class RayCluster:
             # (Ray Train's placement-group cleaner asks the state API with "auto"; with several test
             # clusters on the machine it would find them all and fail).
             "RAY_ADDRESS": self.address,
+            **self.extra_env,
         }
         if self.fast_health_checks:  # notice a lost node in seconds, not the production default's ~30 s
             env.update({"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
@@ -88,7 +92,8 @@ class RayCluster:
                      "--object-store-memory=300000000", "--disable-usage-stats",
                      f"--ray-client-server-port={free_port()}", f"--min-worker-port={lo}",
                      f"--max-worker-port={hi}", f"--dashboard-agent-listen-port={free_port()}",
-                     f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}")
+                     f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                     *self.head_args)
         except BaseException:
             self.stop()
             raise
