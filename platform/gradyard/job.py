@@ -267,6 +267,11 @@ class ScalingSection(_Section):
     """Ray resources each worker reserves, e.g. `{CPU: 2, GPU: 1}` (each 0 to 1,000,000)."""
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Placement strategy of the workers' placement group (Ray's `placement_strategy`)."""
+    resource_wait_s: float = Field(600.0, ge=0.0, le=86_400)
+    """Seconds to wait for nodes an autoscaler may add.  Before any worker starts, the driver checks
+    that the cluster's nodes can hold the workers (the minimum of a `[min, max]`): a job that never
+    can fails at once, naming the key to change; one that only added nodes would hold waits up to
+    this long for them, saying every 30 s what it waits for, then fails (0: no waiting)."""
 
     @field_validator("num_workers")
     @classmethod

@@ -10,6 +10,7 @@ import logging
 import os
 from typing import Any, Optional
 
+from gradyard import capacity
 from gradyard.checkpoint import LeaseKeeper, acquire
 from gradyard.job import JobError, JobSpec
 from gradyard.storage import Storage, StorageError, open_storage, redact
@@ -68,9 +69,7 @@ def preflight_placement(spec: JobSpec, run: Storage) -> None:
     """Local storage is only one node's: refuse it when workers may run on several, unless declared shared."""
     if not run.is_local or spec.storage.shared or spec.scaling.max_workers < 2:
         return
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    nodes = [n for n in capacity.alive_nodes() if n.get("Resources", {}).get("CPU", 0) > 0]
     spread = spec.scaling.placement in ("SPREAD", "STRICT_SPREAD")
     if len(nodes) > 1 or spread:
         raise JobError(
@@ -78,6 +77,23 @@ def preflight_placement(spec: JobSpec, run: Storage) -> None:
             f"(placement {spec.scaling.placement}): every worker must read and write the same run directory. "
             "Use object storage (s3://bucket/prefix), or, if that path is a filesystem every node mounts, "
             "say so with storage.shared: true")
+
+
+def preflight_capacity(spec: JobSpec, embedded: bool) -> None:
+    """A job the cluster can never hold fails here, naming the job key; one that only nodes an
+    autoscaler may add would hold waits for them, saying so, for scaling.resource_wait_s.
+
+    Without this Ray waits for ever: its placement group stays pending, and its autoscaler says
+    once that no node type fits.  The comparison is gradyard.capacity's.
+    """
+    demand = capacity.Demand.of(spec.scaling)
+    label = "this machine's embedded Ray cluster" if embedded else "this cluster"
+    addable = [] if embedded else capacity.addable_node_types()  # an embedded cluster is this machine
+    verdict = capacity.assess(demand, capacity.node_totals(), addable, label)
+    if verdict.state == "never":
+        raise JobError(verdict.message)
+    if verdict.state == "wait":
+        capacity.wait_for_nodes(spec.name, demand, verdict, spec.scaling.resource_wait_s, label)
 
 
 def scaling_config(spec: JobSpec):
@@ -149,6 +165,8 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, storage_url: Option
                          log_to_driver=True)
                 embedded = True
         raylogs.install()  # Ray's known noise (see gradyard.raylogs) out of what this driver prints
+        # Capacity first: a cluster that cannot hold the job makes where it writes moot.
+        preflight_capacity(spec, embedded)
         preflight_placement(spec, run)
 
         def make_trainer() -> TorchTrainer:
