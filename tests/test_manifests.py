@@ -468,6 +468,10 @@ def test_rayjob_job_file_exists():
 
 
 def test_rayjob_cluster_fits_its_job():
+    """The driver's own check (gradyard.capacity), on the nodes the RayJob's cluster starts with and
+    the worker groups its autoscaler, if any, may grow."""
+    from gradyard.capacity import Demand, assess
+
     for path, doc in _rayjobs():
         job_path = REPO / ENTRYPOINT.fullmatch(doc["spec"]["entrypoint"])[1]
         if not job_path.is_file():
@@ -475,21 +479,18 @@ def test_rayjob_cluster_fits_its_job():
         spec = doc["spec"].get("rayClusterSpec")
         if spec is None:
             continue  # clusterSelector: the cluster is not described here
-        scaling = load_job(job_path).scaling
+
+        def node(group: dict) -> dict:
+            gpus = float(group.get("rayStartParams", {}).get("num-gpus", "0"))
+            cpus = _cpu_quantity(_cpus(group["template"]["spec"]["containers"][0]))
+            return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
         workers = spec.get("workerGroupSpecs", [])
-        if scaling.use_gpu:
-            per_worker = scaling.resources_per_worker.get("GPU", 1)
-            have = sum(g.get("replicas", 0) * int(g["rayStartParams"].get("num-gpus", "0")) for g in workers)
-            unit = "GPUs"
-        else:
-            per_worker = scaling.resources_per_worker.get("CPU", 1)
-            containers = [spec["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
-                g["template"]["spec"]["containers"][0] for g in workers for _ in range(g.get("replicas", 0))
-            ]
-            have = sum(_cpu_quantity(_cpus(c)) for c in containers)
-            unit = "CPUs"
-        need = scaling.min_workers * per_worker
-        assert need <= have, f"{path.name}: {job_path.name} needs {need} {unit}, the cluster has {have}"
+        nodes = [node(spec["headGroupSpec"])] + [node(g) for g in workers for _ in range(g.get("replicas", 0))]
+        grows = spec.get("enableInTreeAutoscaling") is True
+        addable = [node(g) for g in workers if grows and g.get("maxReplicas", 0) > g.get("replicas", 0)]
+        verdict = assess(Demand.of(load_job(job_path).scaling), nodes, addable)
+        assert verdict.state != "never", f"{path.name}: {job_path.name}: {verdict.message}"
 
 
 # ------------------------------------------------------------------ secrets
