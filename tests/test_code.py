@@ -56,3 +56,16 @@ def test_rays_known_noise_is_dropped_and_nothing_else():
                                 "[circles] finished: 39 steps"]) == ["[circles] finished: 39 steps"]
     other = ["Traceback (most recent call last):", '  File "train.py", line 1', "ValueError: a real failure"]
     assert f.lines(("999", True), other) == other
+
+
+def test_a_real_traceback_after_rays_noise_is_kept():
+    """The filter drops the cleaner's own traceback and nothing after it; the PreemptionWatcher line
+    takes no traceback with it."""
+    from gradyard.raylogs import NoiseFilter
+
+    f = NoiseFilter()
+    real = ["Traceback (most recent call last):", '  File "worker.py", line 3, in run', "RuntimeError: real"]
+    assert f.lines("c", ["Actor with class name: 'PreemptionWatcher' and ID: 'x' has constructor arguments "
+                         "in the object store and max_restarts > 0.", *real]) == real
+    assert f.lines("d", ["Failed to stop PlacementGroupCleaner gracefully.", "Traceback (most recent call last):",
+                         "  File \"x.py\", line 1", "ray.exceptions.GetTimeoutError: timed out", *real]) == real

@@ -52,9 +52,10 @@ def test_no_secret_reaches_output_logs_metrics_summaries_or_checkpoints(ray_clus
     url = f"s3://gradyard-test/secrets-{int(time.time() * 1000)}"
     args = ["run", str(JOBS / "circles.yaml"), "--address", ray_cluster.address, "--storage", url,
             "--set", "checkpoint.every_steps=7"]
-    first = run_cli(*args, "--set", "schedule.epochs=2", env=env)
+    first = run_cli(*args, "--set", "schedule.epochs=2", "--json", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     quiet_success(first.stdout + first.stderr)
+    assert json.loads(first.stdout)["status"] == "succeeded"  # --json: stdout is the summary alone
 
     # The resumed run, scraped while it trains (its workers serve Prometheus metrics).
     scraped: list[str] = []

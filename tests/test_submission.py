@@ -56,6 +56,7 @@ def test_a_job_failing_on_the_cluster_fails_submit_with_its_error(ray_cluster):
     job_id = r.stdout.strip().splitlines()[0]
     st = run_cli("status", job_id, "--address", ray_cluster.dashboard, timeout=60)
     assert st.returncode == 1 and "FAILED" in st.stdout
+    assert len(st.stdout.strip().splitlines()) == 1, st.stdout  # Ray's message carries the job's logs
 
 
 def test_the_cli_behaves_like_rays_and_every_exit_code_follows_the_scheme(ray_cluster, tmp_path):
@@ -105,7 +106,8 @@ def test_the_cli_behaves_like_rays_and_every_exit_code_follows_the_scheme(ray_cl
     # Exit status 2: an unknown job id, a run directory that is not there, a bad job file, usage.
     for args in (["status", "raysubmit_nonexistent"], ["logs", "raysubmit_nonexistent"],
                  ["checkpoints", str(tmp_path / "nonexistent")],
-                 ["validate", "jobs/circles.yaml", "--set", "optimizer.lr=-1"], ["run", "--nonsense"]):
+                 ["validate", "jobs/circles.yaml", "--set", "optimizer.lr=-1"], ["run", "--nonsense"],
+                 ["run", "jobs/circles.yaml", "--address", "127.0.0.1:1", "--storage", str(tmp_path / "x")]):
         r = run_cli(*args, env=env, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
     v = run_cli("validate", "jobs/circles.yaml", "jobs/blobs.yaml", "--json", timeout=60)

@@ -109,12 +109,18 @@ def cmd_run(args, on_cluster: bool = False) -> int:
 
     spec = load_job(args.file, args.overrides)
     address = getattr(args, "address", None) or (None if on_cluster else ray_address_from_env())
+    if getattr(args, "json", False):
+        import contextlib
+
+        # stdout is the summary alone: the run's own lines (and Ray's forwarded ones) go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = run_job(spec, address=address, storage_url=args.storage, fresh=args.fresh,
+                              on_cluster=on_cluster)
+        print(json.dumps(summary, default=str))
+        return EXIT_OK
     summary = run_job(spec, address=address, storage_url=args.storage,
                       fresh=args.fresh, on_cluster=on_cluster)
-    if getattr(args, "json", False):
-        print(json.dumps(summary, default=str))
-    else:
-        print_summary(summary)
+    print_summary(summary)
     return EXIT_OK
 
 
@@ -125,7 +131,7 @@ def ray_address_from_env() -> str | None:
     driver cannot attach to it, so `gradyard run` says so and trains on an embedded cluster.
     """
     value = os.environ.get("RAY_ADDRESS", "").strip()
-    if not value:
+    if not value or value == "local":  # "local": a new cluster in this process, as ray.init reads it
         return None
     if value.lower().startswith(("http://", "https://")):
         print(f"note: RAY_ADDRESS={redact(value)} is a dashboard URL, for `gradyard submit`; "
@@ -360,7 +366,8 @@ def dispatch(command) -> int:
             return EXIT_FAILED
         if os.environ.get("GRADYARD_DEBUG"):
             raise
-        print(f"error: {type(exc).__name__}: {redact(exc)}", file=sys.stderr, flush=True)
+        first = (redact(exc).strip().splitlines() or [""])[0]
+        print(f"error: {type(exc).__name__}: {first}", file=sys.stderr, flush=True)
         return EXIT_FAILED
 
 

@@ -1,5 +1,5 @@
 """Busy time of overlapping spans: one helper for telemetry (a step's allreduce buckets) and analysis
-(a profiled step's kernels).  A module of its own, below both packages, so neither imports the other."""
+(a profiled step's kernels).  A module of its own, below both packages: a leaf either can import."""
 
 from __future__ import annotations
 

@@ -32,15 +32,17 @@ from typing import Any, Callable
 
 log = logging.getLogger("gradyard.raylogs")
 
-NOISE = (("'PreemptionWatcher'", "has constructor arguments in the object store"),
-         ("Failed to stop PlacementGroupCleaner gracefully",))
-"""Lines dropped (each holds every part of one entry); a traceback right after one goes with it."""
-_TRACEBACK = re.compile(r"^(Traceback \(most recent call last\):|\s+\S.*|\s*|[\w.]+(Error|Exception|Timeout)\b.*"
+NOISE = ((("'PreemptionWatcher'", "has constructor arguments in the object store"), False),
+         (("Failed to stop PlacementGroupCleaner gracefully",), True))
+"""(parts a line holds every one of, whether the traceback right after it goes too)."""
+_TRACEBACK = re.compile(r"^(Traceback \(most recent call last\):|\s+\S.*|\s*"
                         r"|During handling of the above exception.*|The above exception was the direct cause.*)$")
+_LAST = re.compile(r"^[\w.]+(Error|Exception|Timeout)\b.*$")
+"""The exception line that ends a traceback."""
 
 
 class NoiseFilter:
-    """Drops :data:`NOISE` lines (and the traceback that follows one) per source process."""
+    """Drops :data:`NOISE` lines (and the one traceback that follows the cleaner's) per source process."""
 
     def __init__(self) -> None:
         self._in_traceback: dict[Any, bool] = {}
@@ -51,8 +53,12 @@ class NoiseFilter:
         with self._lock:
             dropping = self._in_traceback.get(source, False)
             for line in lines:
-                if any(all(part in line for part in parts) for parts in NOISE):
-                    dropping = True
+                noise = next((tb for parts, tb in NOISE if all(p in line for p in parts)), None)
+                if noise is not None:
+                    dropping = noise
+                    continue
+                if dropping and _LAST.match(line):  # its last line: what follows is shown again
+                    dropping = False
                     continue
                 if dropping and _TRACEBACK.match(line):
                     continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any, Optional
 
 from gradyard import capacity
@@ -63,6 +64,20 @@ def preflight_data(spec: JobSpec) -> None:
         if not present:
             raise JobError(f"model.pretrained: no weights at {redact(url)}; "
                            "point it at a local or object-storage copy (nothing is downloaded)")
+
+
+def _unreachable(address: str) -> Optional[str]:
+    """Why nothing answers at a HOST:PORT GCS address (None: something does, or not that form).
+
+    Ray's own connect retries for minutes before it gives up; a closed port is known at once."""
+    if "://" in address or ":" not in address:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def preflight_placement(spec: JobSpec, run: Storage) -> None:
@@ -154,7 +169,18 @@ def run_job(spec: JobSpec, *, address: Optional[str] = None, storage_url: Option
         embedded = False
         if not ray.is_initialized():
             if address:
-                ray.init(address=address, log_to_driver=True)
+                unreachable = _unreachable(address)
+                if unreachable:
+                    raise JobError(f"--address {redact(address)}: no Ray cluster listens there ({unreachable}); "
+                                   "pass a running cluster's GCS address (HOST:6379), or none for an "
+                                   "embedded cluster")
+                try:
+                    ray.init(address=address, log_to_driver=True)
+                except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                    raise JobError(f"--address {redact(address)}: no Ray cluster could be reached there "
+                                   f"({redact(first)}); pass a running cluster's GCS address (HOST:6379), "
+                                   "or none for an embedded cluster") from None
             elif on_cluster:
                 ray.init(log_to_driver=True)  # inside `ray job submit`: the job's own cluster
             else:

@@ -29,8 +29,9 @@ from gradyard.job import load_job
 from gradyard.storage import redact
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-# Never shipped, whatever the working directory's .rayignore says (Ray uploads .git/ otherwise).
-EXCLUDES = [".git/", ".venv/"]
+# Never shipped, whatever the working directory's .rayignore says (Ray uploads .git/ otherwise;
+# runs/ is gradyard's default local storage, whose checkpoints would ride along).
+EXCLUDES = [".git/", ".venv/", "runs/", "**/__pycache__/"]
 PROGRESS = re.compile(r"\bstep (\d+)/(\d+)")
 
 
@@ -179,7 +180,7 @@ def _row(jobs, info, with_progress: bool) -> dict:
            "run_dir": meta.get("run_dir"), "start_time": info.start_time, "end_time": info.end_time}
     if with_progress:
         row["progress"] = None
-        if row["status"] not in ("PENDING",):
+        if row["status"] == "RUNNING":  # a finished job's progress is its summary's
             try:
                 found = PROGRESS.findall(jobs.get_job_logs(info.submission_id)[-20000:])
             except Exception:  # noqa: BLE001 - progress is a courtesy of the listing
@@ -194,6 +195,7 @@ def _row(jobs, info, with_progress: bool) -> dict:
 
 
 def cmd_submit(args) -> int:
+    load_job(args.file, args.overrides)  # a bad job file says so before any cluster is asked
     jobs = client(args)
     job_id = submit(args.file, jobs, args.overrides, args.working_dir, args.storage, args.fresh,
                     args.submission_id)
@@ -224,7 +226,9 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(row))
     else:
-        print(f"{args.job_id}: {row['status']}" + (f" ({row['message']})" if row["message"] else ""))
+        # Ray's message of a failed job holds its last 20 kB of logs: the first line here, all of it in --json.
+        first = row["message"].strip().splitlines()[0][:200] if row["message"].strip() else ""
+        print(f"{args.job_id}: {row['status']}" + (f" ({first})" if first else ""))
     return exit_code(row["status"])
 
 
@@ -243,7 +247,7 @@ def cmd_logs(args) -> int:
 def cmd_list(args) -> int:
     jobs = client(args)
     infos = _call(jobs.list_jobs, what="cannot list the cluster's jobs")
-    rows = [_row(jobs, i, with_progress=i.status not in TERMINAL or args.json)
+    rows = [_row(jobs, i, with_progress=True)
             for i in sorted(infos, key=lambda i: i.start_time or 0)
             if (i.metadata or {}).get("gradyard_job") and i.submission_id]
     if args.json:

@@ -274,6 +274,8 @@ def calibrate(device: Optional[torch.device | str] = None, group: Any = None, qu
     overhead = measure_dispatch_overhead(dev, quick)
     progress.advance()
     busbw = measure_allreduce_busbw(group, dev=None, quick=quick) if group is not None else None
+    if group is not None:
+        progress.advance()
     progress.done()
     world = None
     if busbw is not None:
