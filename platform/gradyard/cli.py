@@ -9,14 +9,15 @@ exit status (every command):
   1  the job or training failed (or was stopped)
   2  bad usage, a bad job file, or missing or unusable input (a dataset, storage, an unknown job
      id, a cluster that cannot be reached, a run directory in use by another driver)
-
-(Module note: over 350 lines because it is every command's arguments and help, one place for the
-CLI's shape; the commands' work lives in their own modules.)
 """
+
+# Over 350 lines because it is every command's arguments and help, one place for the CLI's shape;
+# the commands' work lives in their own modules.  (Not in the docstring: that is `gradyard --help`.)
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -109,18 +110,15 @@ def cmd_run(args, on_cluster: bool = False) -> int:
 
     spec = load_job(args.file, args.overrides)
     address = getattr(args, "address", None) or (None if on_cluster else ray_address_from_env())
-    if getattr(args, "json", False):
-        import contextlib
-
-        # stdout is the summary alone: the run's own lines (and Ray's forwarded ones) go to stderr.
-        with contextlib.redirect_stdout(sys.stderr):
-            summary = run_job(spec, address=address, storage_url=args.storage, fresh=args.fresh,
-                              on_cluster=on_cluster)
+    as_json = getattr(args, "json", False)
+    # With --json stdout is the summary alone: the run's own lines (and Ray's forwarded ones) go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        summary = run_job(spec, address=address, storage_url=args.storage, fresh=args.fresh,
+                          on_cluster=on_cluster)
+    if as_json:
         print(json.dumps(summary, default=str))
-        return EXIT_OK
-    summary = run_job(spec, address=address, storage_url=args.storage,
-                      fresh=args.fresh, on_cluster=on_cluster)
-    print_summary(summary)
+    else:
+        print_summary(summary)
     return EXIT_OK
 
 
@@ -306,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--markdown", action="store_true", help="print docs/jobs.md instead")
     sc.set_defaults(fn=cmd_schema)
 
-    add_submit_commands(sub, fmt)
+    add_submit_commands(command)
     cal = command("calibrate", "measure this device's FLOP/s, memory bandwidth and per-op overhead",
                   "gradyard calibrate --quick")
     json_flag(cal, "the device profile")

@@ -16,6 +16,7 @@ Every line from the cluster (status messages, logs) is redacted before it is sho
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -279,10 +280,11 @@ def add_client_arguments(p) -> None:
                    help="verify the dashboard's TLS certificate: true (default), false, or a CA bundle")
 
 
-def add_commands(sub, formatter) -> None:
+def add_commands(cli_command) -> None:
+    """The submission commands, made by the CLI's own command factory (help, example), plus the
+    client arguments each of them takes."""
     def command(name: str, help: str, example: str):
-        p = sub.add_parser(name, help=help, description=f"{help[0].upper()}{help[1:]}.",
-                           epilog=f"example:\n  {example}", formatter_class=formatter)
+        p = cli_command(name, help, example)
         add_client_arguments(p)
         return p
 
@@ -296,7 +298,7 @@ def add_commands(sub, formatter) -> None:
     s.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     s.add_argument("--submission-id", help="the Ray job id to use (default: Ray picks one)")
     s.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
-    s.add_argument("--wait", action="store_true", help=argparse_suppress())  # the default now
+    s.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)  # the default now
     s.add_argument("--quiet", action="store_true", help="wait without streaming the logs")
     s.add_argument("--json", action="store_true",
                    help="print one JSON object: submission_id, status, message, gradyard_job, run_dir, times")
@@ -327,8 +329,3 @@ def add_commands(sub, formatter) -> None:
     sp.add_argument("job_id", help="submission id")
     sp.set_defaults(fn=cmd_stop)
 
-
-def argparse_suppress() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
