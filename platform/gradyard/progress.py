@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Optional, TextIO
+from typing import Optional, TextIO
 
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
@@ -26,23 +26,21 @@ class Progress(Callback):
     """``what``: done/total units (files, checkpoints, bytes), printed now and then."""
 
     def __init__(self, what: str, total: Optional[int] = None, unit: str = "", *, every_s: float = 5.0,
-                 quiet_s: float = 2.0, out: Optional[TextIO] = None, clock: Optional[Callable[[], float]] = None):
+                 quiet_s: float = 2.0, out: Optional[TextIO] = None):
         super().__init__(size=total, value=0)
         self.what, self.unit, self.every_s, self.quiet_s = what, unit, every_s, quiet_s
         self.out = out
-        self.clock = clock or (lambda: now())
-        self.started = self.clock()
+        self.started = now()
         self._last: Optional[float] = None
-        self.lines: list[str] = []
 
     # -- fsspec's interface: set_size / relative_update / absolute_update end in call()
     def call(self, *args, **kwargs) -> None:
-        now = self.clock()
-        if now - self.started < self.quiet_s:
+        t = now()
+        if t - self.started < self.quiet_s:
             return
-        if self._last is None or now - self._last >= self.every_s:
-            self._say(self._line(now))
-            self._last = now
+        if self._last is None or t - self._last >= self.every_s:
+            self._say(self._line(t))
+            self._last = t
 
     def branched(self, path_1, path_2, **kwargs):
         # One unit a file: a child transfer's bytes are not counted, its completion is.
@@ -53,21 +51,20 @@ class Progress(Callback):
 
     def done(self, note: str = "") -> None:
         """The last line, when the work took long enough to be worth one."""
-        now = self.clock()
-        if now - self.started >= self.quiet_s or self._last is not None:
-            self._say(self._line(now, final=True) + (f"; {note}" if note else ""))
+        t = now()
+        if t - self.started >= self.quiet_s or self._last is not None:
+            self._say(self._line(t, final=True) + (f"; {note}" if note else ""))
 
-    def _line(self, now: float, final: bool = False) -> str:
+    def _line(self, t: float, final: bool = False) -> str:
         count = f"{self.value}/{self.size}" if self.size else f"{self.value}"
         unit = f" {self.unit}" if self.unit else ""
         rate = ""
-        elapsed = now - self.started
+        elapsed = t - self.started
         if self.size and self.value and not final:
             left = elapsed / self.value * (self.size - self.value)
             rate = f", about {left:.0f}s left"
         return f"{self.what}: {count}{unit}{' done' if final else ''} in {elapsed:.0f}s{rate}"
 
     def _say(self, line: str) -> None:
-        self.lines.append(line)
         out = self.out or sys.stderr
         print(line, file=out, flush=True)
