@@ -1,8 +1,9 @@
 """``python -m bench [--quick] [--only NAME ...] [--repeats N]``: run the benchmarks, write the page.
 
-Results go to ``bench/results/latest.json`` and ``docs/benchmarks.md`` is
-regenerated from them.  With ``--only``, the other benchmarks' previous results
-are kept (each says when and at which size it was measured).
+Results go to ``bench/results/latest.json``; the generated block of
+``docs/benchmarks.md`` is rewritten from them and the hand-written text around it
+is kept.  With ``--only``, the other benchmarks' previous results are kept (each
+says when and at which size it was measured).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from bench import checkpointing, faults, recovery, report, startup, submission, 
 from bench.env import ROOT, Bench, calibrate_once, machine, versions
 from bench.settings import FULL, QUICK, SMOKE
 
-# Telemetry after throughput (it may share its rounds); start-up last (it stops the shared cluster).
-BENCHMARKS = [throughput, telemetry, checkpointing, recovery, faults, submission, startup]
+# Submission and start-up after throughput (they reuse its rounds); start-up last (it stops the shared cluster).
+BENCHMARKS = [throughput, checkpointing, recovery, faults, telemetry, submission, startup]
 NAMES = [b.NAME for b in BENCHMARKS]
 
 
@@ -37,13 +38,12 @@ def parse(argv: list[str] | None):
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp folder and its logs")
-    p.add_argument("--telemetry-whole-jobs", action="store_true",
-                   help="also run gradyard with telemetry off in the fashion-cnn throughput rounds "
-                        "(whole jobs; their run-to-run spread, beside the in-run figure)")
     p.add_argument("--allocator-split", action="store_true",
-                   help="also run gradyard with glibc malloc's defaults (GRADYARD_MALLOC_TUNING=0) in "
-                        "the fashion-cnn throughput rounds: what gradyard's malloc settings gain, and "
-                        "gradyard's own cost with the plain scripts' allocator (~2.5 min more)")
+                   help="also run gradyard with glibc malloc's defaults (GRADYARD_MALLOC_TUNING=0) in the "
+                        "fashion-cnn throughput rounds: what gradyard.hostmem's settings gain")
+    # The smoke test's: a running cluster (GCS address, dashboard URL) and a calibration cache to reuse.
+    p.add_argument("--cluster", nargs=2, metavar=("ADDRESS", "DASHBOARD"), help=argparse.SUPPRESS)
+    p.add_argument("--calibration", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -64,12 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench {time.time() - started:6.0f}s] {msg}", flush=True)
 
     results: dict = {}
-    with Bench(keep=args.keep_tmp) as bench:
+    with Bench(keep=args.keep_tmp, cluster=args.cluster) as bench:
         say(f"size {size.name}, {size.repeats} round(s); temp folder {bench.tmp}")
         if any(n != "checkpoint" for n in names):
-            calibrate_once()
-        shared = {"telemetry_selected": args.telemetry_whole_jobs and "telemetry" in names
-                  and "throughput" in names, "allocator_split": args.allocator_split}
+            calibrate_once(args.calibration)
+        shared: dict = {"allocator_split": args.allocator_split}
         for b in selected:
             say(f"{b.NAME}: {b.TITLE}")
             t0, load0 = time.time(), os.getloadavg()[0]
@@ -100,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str) + "\n")
     args.docs.parent.mkdir(parents=True, exist_ok=True)
-    args.docs.write_text(report.render(doc))
+    page = args.docs.read_text() if args.docs.exists() else ""
+    args.docs.write_text(report.render(doc, page, {b.NAME: b.TITLE for b in BENCHMARKS}))
     say(f"wrote {args.results} and {args.docs}")
     return 1 if any(r["status"] != "ok" for r in results.values()) else 0
 

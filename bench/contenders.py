@@ -42,7 +42,7 @@ class Workload:
     def _base_spec(self):
         from gradyard.job import load_job
 
-        return load_job(JOBS / f"{self.job}.yaml", ["data.source=synthetic"])
+        return load_job(JOBS / f"{self.job}.yaml", ["data.source=synthetic", "model.pretrained=null"])
 
     @property
     def batch(self) -> int:
@@ -57,7 +57,7 @@ class Workload:
         spec = self._base_spec()
         num_samples = math.ceil(self.train_samples / (1 - spec.data.test_fraction)) + 8
         return [
-            "data.source=synthetic", f"data.num_samples={num_samples}",
+            "data.source=synthetic", "model.pretrained=null", f"data.num_samples={num_samples}",
             f"data.batch_size={self.batch}", "data.loader_workers=0", "data.pin_memory=false",
             "augmentation=[]", "schedule.epochs=null", f"schedule.steps={self.steps}",
             "schedule.precision=fp32", "schedule.lr_scheduler.name=none",
@@ -88,11 +88,14 @@ class Workload:
         spec = self.spec()
         shape, classes = self.shape()
         o = spec.optimizer
-        assert o.name == "sgd" and not o.nesterov, "the plain scripts use plain SGD"
+        if o.name == "adam":  # the transfer job's (ddp_torchrun.py only)
+            opt = ["--optimizer", "adam", "--lr", str(o.lr)]
+        else:
+            assert o.name == "sgd" and not o.nesterov, "the plain scripts use plain SGD or Adam"
+            opt = ["--lr", str(o.lr), "--momentum", str(o.momentum), "--weight-decay", str(o.weight_decay)]
         return ["--model", spec.model.arch, "--shape", ",".join(map(str, shape)),
                 "--classes", str(classes), "--samples", str(self.train_samples),
-                "--steps", str(self.steps), "--batch-size", str(self.batch), "--lr", str(o.lr),
-                "--momentum", str(o.momentum), "--weight-decay", str(o.weight_decay),
+                "--steps", str(self.steps), "--batch-size", str(self.batch), *opt,
                 "--seed", str(spec.schedule.seed), "--checkpoint-every", str(self.checkpoint_every)]
 
     def check_same_model(self) -> int:
@@ -147,32 +150,41 @@ def launch(bench: Bench, cmd: list[str], mode: str, name: str,
     return t0, submit
 
 
-def plain_ray_command(wl: Workload, d: Path, mode: str, address: Optional[str] = None) -> list[str]:
-    """The plain Ray Train script's command line for a launch mode."""
+def plain_storage(bench: Bench, kind: str, d: Path, name: str) -> tuple[str, list[str]]:
+    """Where a plain script checkpoints (a path under ``d``, or a fresh S3 prefix) and its endpoint option."""
+    if kind == "local":
+        return str(d / name), []
+    return f"s3://{BUCKET}/{bench.unique(name)}", ["--s3-endpoint", bench.s3.endpoint]
+
+
+def plain_ray_command(bench: Bench, wl: Workload, d: Path, mode: str, storage_kind: str) -> list[str]:
+    """The plain Ray Train script's command line for a launch mode (its S3 checkpoints uploaded async)."""
     if mode == "job":  # run from the job's working directory (a copy of this checkout)
         cmd = ["python", str((SCRIPTS / "raytrain_plain.py").relative_to(ROOT))]
     else:
         cmd = [PY, str(SCRIPTS / "raytrain_plain.py"),
-               "--address", "local" if mode == "embedded" else address]
-    return cmd + [*wl.plain_args(), "--workers", str(wl.workers), "--storage", str(d / "ray_results"),
-                  "--out", str(d / "result.json")]
+               "--address", "local" if mode == "embedded" else bench.cluster.address]
+    where, endpoint = plain_storage(bench, storage_kind, d, "ray_results")
+    return cmd + [*wl.plain_args(), "--workers", str(wl.workers), "--storage", where, *endpoint,
+                  *(["--async-upload"] if storage_kind == "s3" else []), "--out", str(d / "result.json")]
 
 
-def run_torchrun(bench: Bench, wl: Workload) -> tuple[dict, list[str]]:
+def run_torchrun(bench: Bench, wl: Workload, storage_kind: str = "local") -> tuple[dict, list[str]]:
     d = bench.fresh("torchrun")
+    where, endpoint = plain_storage(bench, storage_kind, d, "snapshot.pt")
     cmd = [str(VENV_BIN / "torchrun"), "--standalone", f"--nproc-per-node={wl.workers}",
            str(SCRIPTS / "ddp_torchrun.py"), *wl.plain_args(),
-           "--snapshot-path", str(d / "snapshot.pt"), "--out", str(d / "result.json")]
+           "--snapshot-path", where, *endpoint, "--out", str(d / "result.json")]
     t0 = bench.run(cmd, name="torchrun")
     out = read_json(d / "result.json")
     shutil.rmtree(d, ignore_errors=True)
     return _result(out, t0), cmd
 
 
-def run_ray_train(bench: Bench, wl: Workload, mode: str = "client") -> tuple[dict, list[str]]:
+def run_ray_train(bench: Bench, wl: Workload, mode: str = "client",
+                  storage_kind: str = "local") -> tuple[dict, list[str]]:
     d = bench.fresh("raytrain")
-    address = bench.cluster.address if mode == "client" else None
-    t0, cmd = launch(bench, plain_ray_command(wl, d, mode, address), mode, f"raytrain-{mode}")
+    t0, cmd = launch(bench, plain_ray_command(bench, wl, d, mode, storage_kind), mode, f"raytrain-{mode}")
     out = read_json(d / "result.json")
     shutil.rmtree(d, ignore_errors=True)
     return _result(out, t0), cmd

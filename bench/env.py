@@ -92,13 +92,15 @@ def set_environment(tmp: Path) -> dict:
 class Bench:
     """Shared by all benchmarks of one ``python -m bench``: temp folder, cluster, S3, logs."""
 
-    def __init__(self, tmp: Optional[Path] = None, keep: bool = False):
+    def __init__(self, tmp: Optional[Path] = None, keep: bool = False, cluster: Optional[tuple[str, str]] = None):
         # Short path: Ray's unix sockets live under it (108-character limit).
         self.tmp = Path(tmp or tempfile.mkdtemp(prefix="gyb-", dir="/tmp"))
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.keep = keep
         self.environment = set_environment(self.tmp)
         self._cluster: Optional[RayCluster] = None
+        self._external = cluster
+        """(GCS address, dashboard URL) of a running cluster to use and leave running (the smoke test's)."""
         self._jobs = None
         self._s3 = None
         self._n = 0
@@ -106,6 +108,10 @@ class Bench:
     # ------------------------------------------------------------ shared servers
     @property
     def cluster(self) -> RayCluster:
+        if self._cluster is None and self._external is not None:
+            from types import SimpleNamespace
+
+            self._cluster = SimpleNamespace(address=self._external[0], dashboard=self._external[1], stop=lambda: None)
         if self._cluster is None:
             self._cluster = RayCluster(temp_dir=str(self.tmp / "r"), log=self.tmp / "ray-start.log",
                                        tag_var="GRADYARD_BENCH_CLUSTER", worker_ports="23000-23999",
@@ -282,7 +288,7 @@ def versions() -> dict:
             "git": commit + ("+uncommitted changes" if dirty else "")}
 
 
-def calibrate_once() -> None:
+def calibrate_once(cache: Optional[str] = None) -> None:
     """Fill the bench's calibration cache for one-thread workers, outside every timed run.
 
     A worker's live analysis calibrates its device on first use and caches the
@@ -293,4 +299,6 @@ def calibrate_once() -> None:
     code = ("import torch; torch.set_num_threads(1)\n"
             "from gradyard.analysis.calibrate import DeviceProfile, calibrate, device_name\n"
             "if DeviceProfile.load(device_name()) is None: calibrate(quick=True).save()\n")
+    if cache:  # a cache filled before (the test session's): calibrated once, by whichever came first
+        os.environ["GRADYARD_PROFILE_DIR"] = cache
     subprocess.run([PY, "-c", code], check=True, timeout=300, capture_output=True)

@@ -1,12 +1,13 @@
-"""2d. Faults: seconds from a rank's SIGSTOP to the hang report, and from a SIGTERM to a durable checkpoint.
+"""4. Faults: seconds from a rank's SIGSTOP to the hang report, and from a SIGTERM to a durable checkpoint.
 
 Plain torchrun (2 gloo workers, circles, slow steps so the fault lands mid-run, checkpoints to local
-disk), gradyard's torchrun entry with the slow steps passed in by testkit's wrapper.  Each round:
+disk), gradyard's torchrun entry with the slow steps passed in by testkit's wrapper.  Each round, in
+one run:
 
 * **hang**: after the first checkpoint, SIGSTOP rank 1; time to rank 0's "hang detected" line (the
   bound is ``failure.hang_timeout_s``, the floor, since these steps are short) and to the first line
   of the restarted group's resume;
-* **preemption**: after the first checkpoint, SIGTERM rank 1; time until the checkpoint of the step in
+* **preemption**: once the resumed group has checkpointed again, SIGTERM rank 1; time until the checkpoint of the step in
   progress is on disk (its manifest, of a step off the schedule), and to the restarted group's resume
   from exactly that step.
 
@@ -29,7 +30,7 @@ from bench.settings import Size
 from bench.stats import summary
 
 NAME = "faults"
-TITLE = "Time to detect a hang, and from SIGTERM to a durable checkpoint"
+TITLE = "4. A hang, and a SIGTERM"
 NEEDS_CLUSTER = False
 
 HANG_FLOOR_S = 4.0
@@ -101,17 +102,19 @@ class _Run:
         self.proc.wait(30)
 
 
-def _first_checkpoint(run: _Run) -> None:
+def _first_checkpoint(run: _Run, after: dict[str, float] | None = None) -> None:
+    """Wait for a checkpoint not in ``after`` (the first one, by default)."""
     deadline = time.monotonic() + 180
-    while not run.manifests():
+    while not set(run.manifests()) - set(after or {}):
         if time.monotonic() > deadline or run.proc.poll() is not None:
-            raise RuntimeError("no first checkpoint:\n" + "\n".join(l for _, l in run.lines[-40:]))
+            raise RuntimeError("no checkpoint:\n" + "\n".join(l for _, l in run.lines[-40:]))
         time.sleep(0.05)
     time.sleep(0.5)
 
 
-def _hang(bench: Bench, i: int) -> dict:
-    run = _Run(bench.fresh(f"hang-{i}"), f"failure.hang_timeout_s={HANG_FLOOR_S}")
+def _round(bench: Bench, i: int) -> dict:
+    """In one run: SIGSTOP rank 1 until the hang is reported and the group resumes; then SIGTERM it."""
+    run = _Run(bench.fresh(f"faults-{i}"), f"failure.hang_timeout_s={HANG_FLOOR_S}")
     try:
         _first_checkpoint(run)
         os.kill(run.rank_pid(1), signal.SIGSTOP)
@@ -120,50 +123,44 @@ def _hang(bench: Bench, i: int) -> dict:
         t_resumed, _ = run.wait_for(r"resumed from checkpoint at step", after=t_detect)
         if "rank(s) 1 did not arrive" not in report:
             raise RuntimeError(f"the report does not name rank 1: {report}")
-        return {"detect_seconds": t_detect - t0, "resumed_seconds": t_resumed - t0}
-    finally:
-        run.stop()
-
-
-def _preemption(bench: Bench, i: int) -> dict:
-    run = _Run(bench.fresh(f"sigterm-{i}"))
-    try:
-        _first_checkpoint(run)
+        hang = {"detect_seconds": t_detect - t0, "resumed_seconds": t_resumed - t0}
+        _first_checkpoint(run, after=run.manifests())  # the resumed group checkpoints again
         before = run.manifests()
         os.kill(run.rank_pid(1), signal.SIGTERM)
         t0 = time.monotonic()
         deadline = t0 + 60
-        while True:
-            new = [n for n in run.manifests() if n not in before and int(n.split("_")[1][:9]) % EVERY]
-            if new:
-                t_durable = time.monotonic()
-                break
+        while not (new := [n for n in run.manifests() if n not in before and int(n.split("_")[1][:9]) % EVERY]):
             if time.monotonic() > deadline:
                 raise RuntimeError("no preemption checkpoint:\n" + "\n".join(l for _, l in run.lines[-40:]))
             time.sleep(0.005)
+        t_durable = time.monotonic()
         step = int(new[0].split("_")[1][:9])
         t_resumed, line = run.wait_for(r"resumed from checkpoint at step", after=t0)
         if f"at step {step} " not in line:
             raise RuntimeError(f"resumed elsewhere than the preemption checkpoint (step {step}): {line}")
-        return {"durable_seconds": t_durable - t0, "resumed_seconds": t_resumed - t0, "step": step}
+        return {**{f"hang_{k}": v for k, v in hang.items()},
+                "term_durable_seconds": t_durable - t0, "term_resumed_seconds": t_resumed - t0, "term_step": step}
     finally:
         run.stop()
 
 
+ROWS = [("SIGSTOP → \"hang detected\" report naming rank 1", "hang_detect_seconds"),
+        ("SIGSTOP → the restarted group resumes", "hang_resumed_seconds"),
+        ("SIGTERM → the checkpoint of the step in progress is durable", "term_durable_seconds"),
+        ("SIGTERM → the restarted group resumes from it", "term_resumed_seconds")]
+
+
 def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = print) -> dict:
-    hangs, terms = [], []
-    for i in range(size.recovery_rounds):
-        hangs.append(_hang(bench, i))
-        terms.append(_preemption(bench, i))
-        say(f"  faults round {i + 1}/{size.recovery_rounds}: hang reported after "
-            f"{hangs[-1]['detect_seconds']:.1f}s (floor {HANG_FLOOR_S:g}s), SIGTERM's checkpoint durable after "
-            f"{terms[-1]['durable_seconds']:.2f}s")
-    return {"hang_floor_seconds": HANG_FLOOR_S, "checkpoint_every": EVERY,
-            "hang_detect_seconds": summary([h["detect_seconds"] for h in hangs]),
-            "hang_to_resumed_seconds": summary([h["resumed_seconds"] for h in hangs]),
-            "sigterm_to_durable_seconds": summary([t["durable_seconds"] for t in terms]),
-            "sigterm_to_resumed_seconds": summary([t["resumed_seconds"] for t in terms]),
-            "sigterm_steps": [t["step"] for t in terms],
-            "command": "torchrun --standalone --nproc-per-node 2 --max-restarts 3 testkit/torchrun_faults.py --slow 0.03 "
-            f"jobs/circles.yaml --set checkpoint.every_steps={EVERY} ... (--set failure.hang_timeout_s="
-            f"{HANG_FLOOR_S:g} for the hang)"}
+    rounds = []
+    for i in range(size.fault_rounds):
+        rounds.append(_round(bench, i))
+        say(f"  faults round {i + 1}/{size.fault_rounds}: hang reported after {rounds[-1]['hang_detect_seconds']:.1f}s "
+            f"(floor {HANG_FLOOR_S:g}s), SIGTERM's checkpoint durable after {rounds[-1]['term_durable_seconds']:.2f}s")
+    return {"tables": [{"title": f"circles, 2 torchrun workers, slow steps, a checkpoint every {EVERY} steps, "
+                                 f"failure.hang_timeout_s {HANG_FLOOR_S:g} (the floor); absolute times",
+                        "columns": ["interval", "seconds"],
+                        "rows": [[what, summary([r[k] for r in rounds])] for what, k in ROWS]}],
+            "rounds": rounds,
+            "commands": {"each round": "torchrun --standalone --nproc-per-node 2 --max-restarts 3 "
+                         f"testkit/torchrun_faults.py --slow 0.03 jobs/circles.yaml --set checkpoint.every_steps={EVERY} "
+                         f"--set failure.hang_timeout_s={HANG_FLOOR_S:g} ..."}}

@@ -1,15 +1,12 @@
-"""Where a gradyard worker's time goes: py-spy samples of its Ray workers, sorted into phases.
+"""Where a worker's time goes: py-spy samples sorted by the module of their innermost Python frame.
 
-One more gradyard run of the benchmark's workload (on the bench's cluster with
-a client driver, or on an embedded cluster, as its rounds ran), with
-``py-spy record --nonblocking`` attached to both RayTrainWorker processes.
-Rank 0 (the one whose samples show the checkpoint writer) is reported: its
-samples inside the training loop are sorted into model compute (forward,
-backward with DDP's allreduce, optimizer), data loading, and each gradyard
-component met on the way (the outermost gradyard frame below the trainer
-names it).  Samples of its background checkpoint writer thread, of the
-telemetry's census and FLOP count (steps 1-7: before the timing), and of the
-process's other threads and start-up, are counted beside the loop's.
+A sample's category is the module its innermost Python frame belongs to, named
+by the first two parts of the module's dotted name (``torch.nn``,
+``torch.optim``, ``gradyard.telemetry``, ...), found from the frame's file and
+the directories Python imports from, so no file of gradyard is named here.
+Only samples of a thread inside ``Trainer.fit`` count (start-up and Ray's own
+threads are not the loop).  py-spy samples a thread only while it runs (a wait
+in C that released the GIL is idle), so the counts are busy time.
 """
 
 from __future__ import annotations
@@ -18,80 +15,65 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from bench.contenders import Workload, gradyard_command, gradyard_storage, read_summary
 from bench.env import ROOT, VENV_BIN, Bench
 
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
-_LOOP_FILES = ("gradyard/trainer.py", "gradyard/train.py")
-_COMPUTE_FILES = ("gradyard/models.py",)
-_ONE_OFF_FILES = ("gradyard/analysis/census.py", "torch/utils/flop_counter.py")
-"""The census (steps 3-7) and the FLOP count (step 1, then every 500): in the bench's runs, all
-before the timed steps begin, so their samples are not shares of the timed loop.  Their callbacks'
-dispatch on every other step (``CensusCallback``/``FlopsMonitor.on_event``) is per-step cost."""
-ONE_OFF = "census and FLOP count (steps 1-7 here, before the timed steps)"
-BACKWARD = "compute: backward + DDP allreduce"
+_ROOTS = sorted({os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)}, key=len, reverse=True)
+
+
+def module_of(file: str) -> str:
+    """``a/b/site-packages/torch/nn/modules/conv.py`` → ``torch.nn``; a script → its file name."""
+    real = os.path.realpath(file)
+    for root in _ROOTS:
+        if real.startswith(root + os.sep):
+            parts = Path(real[len(root) + 1:]).with_suffix("").parts
+            return ".".join(parts[:2]) if parts[0] not in ("__main__",) else parts[-1]
+    parts = Path(file).with_suffix("").parts  # py-spy may print paths relative to the process
+    for i, p in enumerate(parts):
+        if p in ("gradyard", "torch"):
+            return ".".join(parts[i:i + 2])
+    return Path(file).name
 
 
 def _frames(stack: str) -> list[tuple[str, str]]:
-    out = []
-    for part in stack.split(";"):
-        m = _FRAME.match(part.strip())
-        if m:
-            out.append((m["func"], m["file"]))
+    return [(m["func"], m["file"]) for part in stack.split(";") if (m := _FRAME.match(part.strip()))]
+
+
+def categorize(frames: list[tuple[str, str]]) -> Optional[str]:
+    """The module of the innermost frame of a sample in the training loop; None outside it."""
+    if not any(func == "Trainer.fit" for func, _ in frames):
+        return None
+    return module_of(frames[-1][1])
+
+
+def parse(text: str, thread: Optional[str] = None) -> dict[str, Counter]:
+    """py-spy ``--format raw`` (``--threads`` when ``thread`` is a pattern with one group naming
+    the arm) → samples per category per thread group (``"all"`` without ``thread``)."""
+    out: dict[str, Counter] = {}
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        key = "all"
+        if thread is not None:
+            head, _, stack = stack.partition(";")
+            m = re.match(thread, head.strip())
+            if not m:
+                continue
+            key = m[1]
+        cat = categorize(_frames(stack))
+        if cat is not None:
+            out.setdefault(key, Counter())[cat] += int(count)
     return out
 
 
-def categorize(frames: list[tuple[str, str]]) -> str:
-    """The phase or gradyard component one sample belongs to (root-to-leaf frames)."""
-    if any(func == "BackgroundWriter._run" for func, _ in frames):
-        return "background: checkpoint writer thread"
-    if not any(func == "Trainer.fit" for func, _ in frames):
-        return "outside the training loop"
-    if any(file.endswith(_ONE_OFF_FILES) for _, file in frames):
-        return ONE_OFF
-    if any(func == "allreduce_and_wait" for func, _ in frames):
-        # The telemetry comm hook's wait for the last bucket (CPU): DDP's own wait without the hook.
-        return BACKWARD
-    for func, file in frames:
-        if "gradyard/" in file and not file.endswith(_LOOP_FILES + _COMPUTE_FILES):
-            module = file[file.index("gradyard/"):].removesuffix(".py").replace("/", ".")
-            return f"gradyard: {module} ({func.split('.')[0]})"
-    funcs = [f for f, _ in frames]
-    if any("backward" in f for f in funcs):
-        return BACKWARD
-    if any(f.startswith(("Optimizer.", "SGD.", "_single_tensor_sgd", "_multi_tensor_sgd", "sgd"))
-           or "optimizer" in f.lower() for f in funcs):
-        return "compute: optimizer"
-    if any(f in ("Trainer._compute_loss",) or "forward" in f or "_call_impl" in f for f in funcs):
-        return "compute: forward + loss"
-    if any("DataLoader" in f or "_next_data" in f or "fetch" in f or f.endswith("__next__")
-           for f in funcs):
-        return "data loading"
-    return "training loop, other"
-
-
-def parse_raw(text: str) -> dict:
-    """py-spy ``--format raw`` of one process → samples per category."""
-    counts: Counter = Counter()
-    for line in text.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if stack and count.isdigit():
-            counts[categorize(_frames(stack))] += int(count)
-    loop = sum(v for k, v in counts.items() if k not in _NOT_LOOP)
-    return {"samples": sum(counts.values()), "loop_samples": loop,
-            "categories": {k: {"samples": v, "share_of_loop": v / loop if loop else None}
-                           for k, v in counts.most_common()}}
-
-
-_NOT_LOOP = ("outside the training loop", "background: checkpoint writer thread", ONE_OFF)
-
-
-def _record(pid: int, out: Path, rate: int = 100, threads: bool = False) -> subprocess.Popen:
+def record(pid: int, out: Path, rate: int = 100, threads: bool = False) -> subprocess.Popen:
     """``py-spy record`` of one process into ``out`` (raw format) until it exits or gets SIGINT."""
     return subprocess.Popen(
         [str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--nonblocking", "--format", "raw",
@@ -99,76 +81,26 @@ def _record(pid: int, out: Path, rate: int = 100, threads: bool = False) -> subp
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-class _ProfiledRun:
-    """A command run to completion in ``folder`` (its log: run.log) with py-spy on some of its processes.
-
-    ``spy(pid, out)`` attaches py-spy; ``finish()`` waits for the command, then for
-    each py-spy to write its output.  On the way out nothing is left running.
-    """
-
-    def __init__(self, cmd: list[str], folder: Path):
-        self.folder = folder
-        self.log = open(folder / "run.log", "wb")  # noqa: SIM115 - closed in __exit__
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     start_new_session=True)
-        self.spies: list[subprocess.Popen] = []
-
-    def spy(self, pid: int, out: Path, **kw) -> None:
-        self.spies.append(_record(pid, out, **kw))
-
-    def finish(self) -> None:
-        if self.proc.wait(timeout=900) != 0:
-            raise RuntimeError(f"the profiled run failed (see {self.folder / 'run.log'})")
-        for spy in self.spies:
-            try:
-                spy.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                spy.send_signal(signal.SIGINT)  # py-spy writes what it has on Ctrl-C
-                spy.wait(timeout=30)
-
-    def __enter__(self) -> "_ProfiledRun":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.log.close()
-        for p in [self.proc, *self.spies]:
-            if p.poll() is None:
-                p.kill()
-
-
-def _read_rank0(out: Path, pid: int) -> str:
-    if not out.exists():
-        raise RuntimeError(f"py-spy recorded nothing for rank 0 (pid {pid}); no permission?")
-    return out.read_text()
-
-
-def _failed(exc: Exception, bench: Bench, cmd: list[str]) -> dict:
-    return {"error": f"{type(exc).__name__}: {str(exc)[-500:]}", "command": bench.shown(cmd)}
-
-
-def leaf_functions(text: str, top: int = 8) -> dict:
-    """py-spy ``--format raw`` of any process → its busiest innermost Python functions."""
+def leaf_functions(text: str, top: int = 6) -> list[dict]:
+    """The busiest innermost Python functions of any process (the S3 server's, say)."""
     counts: Counter = Counter()
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
         frames = _frames(stack) if count.isdigit() else []
         if frames:
-            func, file = frames[-1]
-            counts[f"{func} ({os.path.basename(file)})"] += int(count)
-    total = sum(counts.values())
-    return {"samples": total,
-            "functions": [{"function": k, "samples": v, "share": v / total} for k, v in counts.most_common(top)]}
+            counts[f"{frames[-1][0]} ({module_of(frames[-1][1])})"] += int(count)
+    total = sum(counts.values()) or 1
+    return [{"function": k, "samples": v, "share": v / total} for k, v in counts.most_common(top)]
 
 
 class Spy:
-    """``py-spy record`` of one process while the ``with`` block runs; ``.result`` on exit."""
+    """``py-spy record`` of one process while the ``with`` block runs; ``.functions`` on exit."""
 
-    def __init__(self, pid: int, out: Path, rate: int = 100):
-        self.pid, self.out, self.rate = pid, out, rate
-        self.result: Optional[dict] = None
+    def __init__(self, pid: int, out: Path):
+        self.pid, self.out, self.functions = pid, out, []
 
     def __enter__(self) -> "Spy":
-        self.proc = _record(self.pid, self.out, self.rate)
+        self.proc = record(self.pid, self.out)
         time.sleep(1.0)  # attached before the work starts
         return self
 
@@ -179,134 +111,48 @@ class Spy:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         if self.out.exists():
-            self.result = leaf_functions(self.out.read_text())
-
-
-def _ray_workers(timeout: float = 180) -> list[int]:
-    """PIDs of the bench's RayTrainWorker processes (the run's: runs never overlap), once there are two."""
-    from testkit.processes import psutil as _psutil
-
-    psutil = _psutil()
-    tag = os.environ["GRADYARD_BENCH_TAG"]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = []
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if ("RayTrainWorker" in " ".join(proc.info["cmdline"] or [])
-                        and proc.environ().get("GRADYARD_BENCH_TAG") == tag):
-                    found.append(proc.pid)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                pass
-        if len(found) >= 2:
-            return sorted(found)
-        time.sleep(0.2)
-    return []
-
-
-def profile_gradyard(bench: Bench, wl: Workload, storage_kind: str, mode: str) -> dict:
-    """One more gradyard run (``client`` on the bench's cluster, or ``embedded``) under py-spy."""
-    storage, extra = gradyard_storage(bench, storage_kind)
-    cmd = gradyard_command(bench, wl, storage, mode, extra)
-    folder = bench.fresh("pyspy")
-    try:
-        with _ProfiledRun(cmd, folder) as run:
-            for pid in _ray_workers():
-                run.spy(pid, folder / f"{pid}.txt")
-            run.finish()
-        summary = read_summary(bench, storage, wl.spec().name)
-        pid0 = next(r["pid"] for r in summary["ranks"] if r["rank"] == 0)
-        rank0 = parse_raw(_read_rank0(folder / f"{pid0}.txt", pid0))
-        rank0["steps_per_second_under_pyspy"] = summary["steady_steps_per_second"]
-    except Exception as exc:  # noqa: BLE001 - a profile that fails must not sink the figures
-        return _failed(exc, bench, cmd)
-    rank0["command"] = ("py-spy record --pid <each RayTrainWorker> --nonblocking --format raw "
-                        "--rate 100, during: " + bench.shown(cmd))
-    rank0["storage"] = storage_kind
-    return rank0
-
-
-# ----------------------------------------------------------- telemetry on vs off
-
-_AB_ONE_OFF = "census and FLOP count"
-_TELEMETRY_FILES = ("gradyard/telemetry/", "gradyard/analysis/")
-"""Telemetry and the live analysis built on it: on only when ``telemetry.enabled``."""
-
-
-def categorize_ab(frames: list[tuple[str, str]]) -> Optional[str]:
-    """One sample of a telemetry A/B arm's thread: where in the step it is (None: not in the loop)."""
-    funcs = [func for func, _ in frames]
-    if "Trainer.fit" not in funcs:
-        return None
-    frames = frames[funcs.index("Trainer.fit"):]  # the arm's thread runs fit() from the bench script
-    if any(file.endswith(_ONE_OFF_FILES) for _, file in frames):
-        return _AB_ONE_OFF  # at steps 1-7 (warm-up, not recorded) and the FLOP count of step 500
-    if any(func == "allreduce_and_wait" for func, _ in frames):
-        return BACKWARD
-    if any(func.startswith("GradSyncMonitor.") for func, _ in frames):
-        return "telemetry: DDP comm hook (its Python, not the allreduce)"
-    if any(any(t in file for t in _TELEMETRY_FILES) for _, file in frames):
-        return "telemetry: callbacks"
-    if any(file.endswith("telemetry_ab.py") for _, file in frames):
-        return "bench: handing turns over"
-    return categorize(frames)
-
-
-def parse_ab_raw(text: str) -> dict:
-    """py-spy ``--threads --format raw`` of an A/B rank → samples per category, per arm thread."""
-    arms: dict[str, Counter] = {}
-    for line in text.splitlines():
-        stack, _, count = line.rpartition(" ")
-        head, _, rest = stack.partition(";")
-        m = re.match(r"thread \(\w+\): arm-(\w+)$", head.strip())
-        if not m or not count.isdigit():
-            continue
-        cat = categorize_ab(_frames(rest))
-        if cat is not None:
-            arms.setdefault(m[1], Counter())[cat] += int(count)
-    out = {}
-    for arm, counts in arms.items():
-        loop = sum(v for k, v in counts.items() if k != _AB_ONE_OFF)
-        out[arm] = {"loop_samples": loop, "one_off_samples": counts.get(_AB_ONE_OFF, 0),
-                    "categories": {k: v for k, v in counts.most_common() if k != _AB_ONE_OFF}}
-    return out
+            self.functions = leaf_functions(self.out.read_text())
 
 
 def _rank0_child(parent: subprocess.Popen, timeout: float = 120) -> Optional[int]:
     """PID of the torchrun worker with RANK=0 under ``parent``, once it exists."""
     from testkit.processes import psutil as _psutil
 
-    psutil = _psutil()
+    ps = _psutil()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and parent.poll() is None:
         try:
-            for child in psutil.Process(parent.pid).children(recursive=True):
+            for child in ps.Process(parent.pid).children(recursive=True):
                 try:
                     if child.environ().get("RANK") == "0" and "python" in child.name():
                         return child.pid
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                except (ps.NoSuchProcess, ps.AccessDenied, ps.ZombieProcess):
                     pass
-        except psutil.NoSuchProcess:
+        except ps.NoSuchProcess:
             return None
         time.sleep(0.1)
     return None
 
 
-def profile_telemetry_ab(bench: Bench, cmd: list[str], folder: Path, rate: int = 1000) -> dict:
-    """Run one telemetry A/B (``cmd``) with py-spy on rank 0, each arm's thread apart."""
-    out = folder / "rank0.pyspy"
+def profile_arms(bench: Bench, cmd: list[str], folder: Path, rate: int) -> dict:
+    """Run a telemetry A/B command with py-spy on its rank 0, each arm's thread (``arm-NAME``) apart."""
+    out, log = folder / "rank0.pyspy", open(folder / "run.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    spy = None
     try:
-        with _ProfiledRun(cmd, folder) as run:
-            pid = _rank0_child(run.proc)
-            if pid is None:
-                raise RuntimeError(f"no rank-0 worker appeared (see {folder / 'run.log'})")
-            run.spy(pid, out, rate=rate, threads=True)
-            run.finish()
-        arms = parse_ab_raw(_read_rank0(out, pid))
+        pid = _rank0_child(proc)
+        if pid is None:
+            raise RuntimeError(f"no rank-0 worker appeared (see {folder / 'run.log'})")
+        spy = record(pid, out, rate=rate, threads=True)
+        if proc.wait(timeout=900) != 0:
+            raise RuntimeError(f"the profiled run failed (see {folder / 'run.log'})")
+        spy.wait(timeout=60)
+        arms = parse(out.read_text(), thread=r"thread \(\w+\): arm-(\w+)$")
         if set(arms) != {"on", "off"}:
             raise RuntimeError(f"py-spy saw the arms {sorted(arms)}, not on and off")
-    except Exception as exc:  # noqa: BLE001 - a profile that fails must not sink the figures
-        return _failed(exc, bench, cmd)
-    return {"arms": arms, "rate": rate,
-            "command": f"py-spy record --pid <rank 0> --nonblocking --threads --format raw "
-                       f"--rate {rate}, during: {bench.shown(cmd)}"}
+        return {"arms": {k: dict(v.most_common()) for k, v in arms.items()}, "rate": rate}
+    finally:
+        log.close()
+        for p in (proc, spy):
+            if p is not None and p.poll() is None:
+                p.kill()

@@ -1,4 +1,4 @@
-"""2c. Recovery: seconds from a worker's SIGKILL to the first step of the resumed run.
+"""3. Recovery: seconds from a worker's SIGKILL to the first step of the resumed run.
 
 A real gradyard run on the bench's Ray cluster (fashion-cnn, 2 workers,
 checkpoints every 10 steps to local disk) whose rank 1 SIGKILLs itself after
@@ -23,7 +23,7 @@ from bench.settings import Size
 from bench.stats import summary
 
 NAME = "recovery"
-TITLE = "Recovery after a worker's SIGKILL"
+TITLE = "3. Recovery after a worker's SIGKILL"
 NEEDS_CLUSTER = True
 
 FIRST_KILL = 25
@@ -82,10 +82,15 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
             f"{r['seconds_to_first_resumed_step']:.2f}s (restart {r['kill_to_new_worker_group']:.2f}s"
             f" + resume {r['new_worker_group_to_first_step']:.2f}s)")
     shutil.rmtree(storage, ignore_errors=True)
-    return {"kill_at_steps": kills, "checkpoint_every": EVERY,
-            "resumed_from_steps": [r["resumed_from_step"] for r in rounds],
-            "rounds": rounds,
-            **{k: summary([r[k] for r in rounds]) for k in (
-                "seconds_to_first_resumed_step", "kill_to_new_worker_group",
-                "new_worker_group_to_first_step")},
-            "command": bench.shown(cmd)}
+    return {"tables": [{"title": f"fashion-cnn on the bench's Ray cluster, 2 workers, a checkpoint every {EVERY} "
+                                 f"steps to local disk; rank 1 SIGKILLed after steps {', '.join(map(str, kills))} "
+                                 "(one run); absolute times",
+                        "columns": ["interval", "seconds"],
+                        "rows": [[what, summary([r[k] for r in rounds])] for what, k in ROWS]}],
+            "rounds": rounds, "commands": {"the run": bench.shown(cmd)}}
+
+
+ROWS = [("SIGKILL → first resumed step ends", "seconds_to_first_resumed_step"),
+        ("SIGKILL → new worker group's rank 0 starts (Ray: detect, tear down, restart)", "kill_to_new_worker_group"),
+        ("→ first step ends (gradyard: find and load the checkpoint, rebuild, one step)",
+         "new_worker_group_to_first_step")]

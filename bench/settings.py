@@ -9,41 +9,44 @@ from dataclasses import dataclass, replace
 class Size:
     name: str
     repeats: int
-    """Interleaved rounds (A B C, A B C, ...) of every comparison."""
+    """Interleaved rounds (A B C, A B C, ...) of every comparison; intervals need 3 or more."""
     fashion_steps: int = 210
-    """Optimizer steps of each fashion-cnn throughput run (the first 7 are warm-up)."""
+    """Optimizer steps of each fashion-cnn throughput run (the first STEADY_AFTER_STEPS are warm-up)."""
     fashion_checkpoint_every: int = 100
-    """Checkpoint interval of the throughput runs, in steps, for every contender."""
     alexnet_steps: int = 14
-    """Optimizer steps of each AlexNet throughput run; 0 leaves AlexNet out.  With a checkpoint
-    every 7, each contender pays for one checkpoint inside the timing (steps 8-14): its save at
-    step 14, and for gradyard also step 7's background write, which runs beside steps 8-14
-    (step 7's hand-off, and the plain scripts' whole save at step 7, end before the timing)."""
-    alexnet_checkpoint_every: int = 7
+    """Optimizer steps of each AlexNet throughput run; 0 leaves AlexNet out."""
+    alexnet_checkpoint_every: int = 1000
+    """A realistic interval: minutes of training between checkpoints, so none falls in the timing."""
+    alexnet_stress_every: int = 7
+    """The stress case: a 228 MB checkpoint to S3 every 7 steps (one inside the timing, steps 8-14)."""
     alexnet_batch_size: int = 4
-    """Per-worker batch of AlexNet on CPU (small: the 30-minute budget of `make bench`)."""
     checkpoint_rounds: int = 5
-    """Checkpoints taken per storage in the AlexNet-state checkpoint benchmark."""
+    """Checkpoints taken per storage in the checkpoint benchmark."""
+    checkpoint_state: str = "alexnet"
+    """Whose state the checkpoint benchmark writes: `alexnet` (0.49 GB) or `fashion-cnn` (small)."""
     recovery_rounds: int = 5
-    """SIGKILLs (each followed by a restart and a resume) in the recovery benchmark's run."""
-    short_steps: int = 12
-    """Steps of the start-up and submission runs (only the first one is timed)."""
+    fault_rounds: int = 3
     telemetry_ab_steps: int = 600
-    """Steps of each arm in each in-run telemetry on/off comparison (turns of 25 steps)."""
-    submit_warmup: bool = True
-    """Cache the working directory on the cluster with one untimed submission first."""
-    telemetry_even_runs: bool = True
-    """An even number of telemetry in-run comparisons, each arm first in half of them (the smoke
-    runs one: it checks that the comparison runs, not what it finds)."""
+    """Steps of each arm of each in-run telemetry comparison (turns of 25 steps)."""
+    telemetry_runs: int = 4
+    """In-run comparisons; even, so each arm goes first in half of them."""
+    profile_hz: int = 500
+    short_steps: int = 12
+    """Steps of the start-up runs (only the first step is timed)."""
+    local_rounds: bool = True
+    """The contenders checkpointing to local disk."""
+    s3_rounds: bool = True
+    """The contenders checkpointing to S3 (all of them, to the same server)."""
 
     def with_repeats(self, n: int) -> "Size":
-        return replace(self, repeats=n, checkpoint_rounds=n, recovery_rounds=n)
+        return replace(self, repeats=n, checkpoint_rounds=n, recovery_rounds=n, fault_rounds=n,
+                       telemetry_runs=n + n % 2)
 
 
-FULL = Size("full", repeats=5)
-QUICK = Size("quick", repeats=2, fashion_steps=110, fashion_checkpoint_every=50, alexnet_steps=10,
-             alexnet_checkpoint_every=5, alexnet_batch_size=2, checkpoint_rounds=2,
-             recovery_rounds=2, short_steps=12, telemetry_ab_steps=300)
-SMOKE = Size("smoke", repeats=1, fashion_steps=30, fashion_checkpoint_every=10, alexnet_steps=0,
-             checkpoint_rounds=1, recovery_rounds=1, short_steps=12, submit_warmup=False,
-             telemetry_ab_steps=150, telemetry_even_runs=False)
+FULL = Size("full", repeats=4)
+QUICK = Size("quick", repeats=3, fashion_steps=110, fashion_checkpoint_every=50, alexnet_steps=10,
+             alexnet_stress_every=5, alexnet_batch_size=2, checkpoint_rounds=3, recovery_rounds=3,
+             fault_rounds=3, telemetry_ab_steps=300, telemetry_runs=2)
+SMOKE = Size("smoke", repeats=1, fashion_steps=20, fashion_checkpoint_every=10, alexnet_steps=0,
+             checkpoint_rounds=1, checkpoint_state="fashion-cnn", recovery_rounds=1, fault_rounds=1,
+             telemetry_ab_steps=100, telemetry_runs=1, profile_hz=200, short_steps=8, local_rounds=False)

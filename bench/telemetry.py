@@ -1,22 +1,13 @@
-"""3. Telemetry overhead: gradyard's step time with telemetry on over the same with it off.
+"""5. Telemetry overhead: step time with telemetry on over the same with it off, in one run.
 
-fashion-cnn (the smallest step, where per-step overhead shows most), 2 workers,
-checkpoints to local disk every 100 steps in both arms.
-
-* The target is checked in one run: ``bench/scripts/telemetry_ab.py`` builds
-  the job twice in the same two torchrun workers with gradyard's worker code,
-  telemetry on and off, and lets them take turns every 25 steps; the ratio of
-  each run is its total time on over off for the same steps.  Whole-job runs
-  on these two shared cores differ by ±10% from run to run, which hides a 2%
-  effect; turns a third of a second apart in the same processes do not.
-  Every cost of telemetry is inside the turns (callbacks, the DDP comm hook,
-  the census, the steps whose FLOPs are counted).
-* py-spy samples rank 0 during the last run, each arm's thread apart, and
-  says where the on arm's extra time goes: telemetry's callbacks, the
-  Python of its DDP comm hook, or the model's own phases.
-* When the throughput benchmark runs too, its fashion-cnn rounds carry a
-  telemetry-off gradyard contender (whole jobs on the Ray cluster); that
-  ratio is shown beside it, with its spread, for what it is.
+``bench/scripts/telemetry_ab.py`` builds fashion-cnn (the smallest step, where a
+per-step cost shows most) twice in the same two torchrun workers with gradyard's
+worker code, telemetry on and off, and lets them take turns every ``BLOCK``
+steps; each run's ratio is its total time on over off for the same steps.
+Whole-job runs on two shared cores differ by ±10% from run to run, which hides a
+1% effect; turns a third of a second apart in the same processes do not.  Every
+cost of telemetry falls inside the turns.  py-spy samples rank 0 during the last
+run, each arm's thread apart (``bench.profile``).
 """
 
 from __future__ import annotations
@@ -25,77 +16,67 @@ from typing import Callable
 
 from bench.contenders import Workload
 from bench.env import JOBS, ROOT, VENV_BIN, Bench, read_json
-from bench.profile import profile_telemetry_ab
+from bench.profile import profile_arms
 from bench.settings import Size
-from bench.stats import paired, summary
+from bench.stats import ratio, summary
 
 NAME = "telemetry"
-TITLE = "Telemetry overhead"
+TITLE = "5. Telemetry overhead"
 NEEDS_CLUSTER = False
-TARGET = 1.02
+TARGET = 1.01
 """Step time with telemetry on may be at most this multiple of the step time with it off."""
 BLOCK = 25
-"""Steps per turn in the in-run comparison."""
+"""Steps per turn."""
 WARMUP = 50
 """Steps of each arm before the first recorded turn (start-up, the one-off FLOP count and census)."""
 CHECKPOINT_EVERY = 100
-PROFILE_HZ = 500
-"""py-spy's rate on the last run: ~6,000 samples an arm at full size, a 1% share within ±0.2%."""
 
 
-def ab_command(wl: Workload, out: str, storage: str) -> list[str]:
+def ab_command(wl: Workload, out: str, storage: str, first: str) -> list[str]:
     cmd = [str(VENV_BIN / "torchrun"), "--standalone", f"--nproc-per-node={wl.workers}",
            str((ROOT / "bench" / "scripts" / "telemetry_ab.py").relative_to(ROOT)),
            str((JOBS / f"{wl.job}.yaml").relative_to(ROOT)), "--storage", storage,
-           "--block", str(BLOCK), "--warmup", str(WARMUP), "--out", out]
+           "--block", str(BLOCK), "--warmup", str(WARMUP), "--out", out, "--first", first]
     for o in wl.overrides():
         if not o.startswith("telemetry.enabled="):  # each arm sets its own
             cmd += ["--set", o]
     return cmd
 
 
+def _profile_table(p: dict) -> dict:
+    on, off = p["arms"]["on"], p["arms"]["off"]
+    base = sum(off.values()) or 1
+    rows = [[k, on.get(k, 0), off.get(k, 0), f"{100 * (on.get(k, 0) - off.get(k, 0)) / base:+.1f}%"]
+            for k in dict.fromkeys([*on, *off])]
+    rows.append(["**training loop**", sum(on.values()), sum(off.values()),
+                 f"{100 * (sum(on.values()) - base) / base:+.1f}%"])
+    return {"title": f"Where rank 0's busy time goes in the last run (py-spy at {p['rate']} Hz, by the "
+                     "module of the innermost frame)",
+            "columns": ["module", "on: samples", "off: samples", "on − off, share of off's loop"], "rows": rows}
+
+
 def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = print) -> dict:
     wl = Workload("fashion-cnn", size.telemetry_ab_steps, CHECKPOINT_EVERY)
-    runs, command = [], None
-    # An even number of runs, so each arm goes first in half of them: runs that began with the
-    # telemetry-on arm read higher (1.01-1.05, against 1.01-1.02 beginning with the off arm).
-    repeats = size.repeats + size.repeats % 2 if size.telemetry_even_runs else size.repeats
-    profile = None
-    for r in range(repeats):
+    runs, profile, command = [], None, None
+    for r in range(size.telemetry_runs):
         d = bench.fresh("telemetry-ab")
-        cmd = ab_command(wl, str(d / "result.json"), str(d / "runs"))
-        cmd += ["--first", "on" if r % 2 == 0 else "off"]  # neither arm always goes first
-        if r == repeats - 1:
-            # py-spy samples the last run (both arms alike: they take turns) for where the
-            # on arm's extra time goes; a separate run would cost `make bench` ~45 s more.
-            profile = profile_telemetry_ab(bench, cmd, d, rate=PROFILE_HZ)
-            if "error" in profile and not (d / "result.json").exists():
-                raise RuntimeError(f"the profiled run failed: {profile['error']}")
+        # Each arm goes first in half the runs: going first in a turn pair is itself an advantage.
+        cmd = ab_command(wl, str(d / "result.json"), str(d / "runs"), "on" if r % 2 == 0 else "off")
+        command = command or bench.shown(cmd)
+        if r == size.telemetry_runs - 1:
+            profile = profile_arms(bench, cmd, d, rate=size.profile_hz)
         else:
             bench.run(cmd, name="telemetry-ab")
-        command = command or bench.shown(cmd)
-        res = read_json(d / "result.json")
-        runs.append(res)
-        say(f"  telemetry in-run comparison {r + 1}/{repeats}: on/off {res['total_ratio']:.3f} "
-            f"over {res['pairs']} pairs of {BLOCK}-step turns")
-    ratio = summary([x["total_ratio"] for x in runs])
-    ratio["target"] = TARGET
-    ratio["met"] = bool(ratio.get("n")) and ratio["median"] <= TARGET
-    profile.update(total_ratio=runs[-1]["total_ratio"], in_run=True)
-    out = {"workload": {"job": wl.job, "steps": wl.steps, "checkpoint_every": wl.checkpoint_every,
-                        "batch_per_worker": wl.batch, "workers": wl.workers, "block_steps": BLOCK,
-                        "warmup_steps": WARMUP},
-           "command": command,
-           "step_time_ratio_on_over_off": ratio,
-           "pair_ratio": summary([p for x in runs for p in x["pair_ratios"]]),
-           "step_seconds": {arm: summary([x["step_seconds"][arm] for x in runs]) for arm in ("on", "off")},
-           "runs": runs}
-    out["profile"] = profile
-    got = shared.get("telemetry_rounds")
-    if got is not None:
-        on = [x["steps_per_second"] for x in got["on"]]
-        off = [x["steps_per_second"] for x in got["off"]]
-        out["whole_jobs"] = {"workload": got["workload"], "commands": got["commands"],
-                             "steps_per_second": {"on": summary(on), "off": summary(off)},
-                             "step_time_ratio_on_over_off": summary(paired(off, on))}
-    return out
+        runs.append(read_json(d / "result.json"))
+        say(f"  telemetry run {r + 1}/{size.telemetry_runs}: on/off {runs[-1]['total_ratio']:.3f} "
+            f"over {runs[-1]['pairs']} pairs of {BLOCK}-step turns")
+    r = ratio([x["total_ratio"] for x in runs], TARGET, better="lower")
+    st = {arm: summary([x["step_seconds"][arm] for x in runs]) for arm in ("on", "off")}
+    return {"targets": [{"name": "fashion-cnn: step time, telemetry on / off", **r}],
+            "tables": [{"title": f"fashion-cnn, {wl.workers} torchrun workers × batch {wl.batch}, "
+                                 f"{wl.steps} steps an arm in turns of {BLOCK}",
+                        "columns": ["", "seconds per step", "on / off per run"],
+                        "rows": [["telemetry on", st["on"], r], ["telemetry off", st["off"], ""]]},
+                       _profile_table(profile)],
+            "workload": {"job": wl.job, "steps": wl.steps, "block_steps": BLOCK, "warmup_steps": WARMUP},
+            "commands": {"each run": command}, "runs": runs, "profile": profile}

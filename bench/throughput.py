@@ -2,147 +2,154 @@
 
 Two workers, the same synthetic data shape, batch, seed, optimizer, steps and
 checkpoint interval for every contender; rounds interleave the contenders
-(A B C D, A B C D, ...) and each gradyard figure is quoted as its ratio to the
-contender run beside it in the same round.  When gradyard with local checkpoints
-misses a target, one more such run with py-spy on its Ray workers says where
-rank 0's time goes; a miss of the S3 contender is explained by the S3 server's
-CPU per run and its profile (benchmark 2).
+(A B C ..., A B C ...), and each gradyard figure is its ratio to the contender
+run beside it in the same round (``bench.stats``).  Every contender of a round
+checkpoints to the same storage: local disk in the local rounds, the same S3
+server in the S3 rounds (plain torchrun with ``torch.save`` into an fsspec file,
+plain Ray Train through ``ray.train.report(checkpoint=...)`` with its async
+upload, gradyard with its background writer).
 
-How the Ray contenders are launched differs by workload, and each choice also
-yields another benchmark from the same runs (Ray's start-up is ~15 s a run on
-two cores, so separate runs would not fit `make bench` in 30 minutes):
-
-* fashion-cnn: ``ray job submit`` to the bench's running cluster, the production
-  path; from the same runs come submission latency (4) and, with the
-  telemetry-off contender in the same rounds, the telemetry overhead (3).
-  With ``--allocator-split`` (not in ``make bench``: its 30 minutes), one more
-  contender runs gradyard with glibc malloc's defaults
-  (``GRADYARD_MALLOC_TUNING=0``, as the plain scripts run): gradyard's workers
-  fix malloc's thresholds (``gradyard.hostmem``), and this splits what that
-  gains from what the rest of gradyard costs.
-* AlexNet: each command starts its own cluster (``gradyard run`` with no
-  cluster; the plain script with ``--address local``): start-up (5).
+* fashion-cnn: the Ray contenders are submitted with ``ray job submit`` to the
+  bench's running cluster; the same runs give the submission latency (6).
+* AlexNet, at a realistic checkpoint interval (none inside the timing), each
+  command on its own embedded cluster; the same runs give the start-up (7).
+* AlexNet, stress case: a 228 MB checkpoint to S3 every 7 steps, one of them
+  inside the timed steps; shown, not judged.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Optional
 
-from bench import profile, submission
 from bench.contenders import Workload, rounds, run_gradyard, run_ray_train, run_torchrun
 from bench.env import Bench
 from bench.settings import Size
-from bench.stats import paired, summary
+from bench.stats import paired, ratio, summary
 
 NAME = "throughput"
-TITLE = "Training throughput"
+TITLE = "1. Training throughput"
 NEEDS_CLUSTER = True
 
 TARGETS = {"ray_train": 0.97, "torchrun": 0.95}
-"""gradyard's steps/s must be at least this share of each plain contender's."""
+"""gradyard's steps/s must be at least this share of each plain contender's, storage alike."""
+LABELS = {"torchrun": "plain torchrun DDP", "ray_train": "plain Ray Train", "gradyard": "gradyard",
+          "gradyard_glibc": "gradyard with glibc malloc's defaults (GRADYARD_MALLOC_TUNING=0)"}
 
-TELEMETRY_OFF = "gradyard_local_telemetry_off"
-"""fashion-cnn only, when the telemetry benchmark is selected too: it shares these rounds."""
 
-GLIBC_DEFAULTS = "gradyard_local_glibc_defaults"
-"""fashion-cnn only: gradyard → local disk with ``GRADYARD_MALLOC_TUNING=0``, glibc malloc's
-defaults as in the plain scripts: gradyard's own cost, apart from its allocator settings."""
-
-RATIOS: list[tuple[str, str, Optional[float]]] = [
-    (ours, theirs, target) for ours in ("gradyard_local", "gradyard_s3")
-    for theirs, target in TARGETS.items()
-] + [("ray_train", "torchrun", None), (GLIBC_DEFAULTS, "ray_train", None),
-     (GLIBC_DEFAULTS, "torchrun", None), ("gradyard_local", GLIBC_DEFAULTS, None)]
-"""(ours, theirs, target), quoted as ours / theirs; a target of None explains, it does not judge
-(plain Ray Train / plain torchrun: what Ray itself costs on this machine)."""
+def label(name: str) -> str:
+    who, _, where = name.rpartition("_")
+    return f"{LABELS[who]} → {'S3' if where == 's3' else 'local disk'}" if who in LABELS else name
 
 
 def _glibc_defaults(bench: Bench, wl: Workload, mode: str) -> tuple[dict, list[str]]:
-    """gradyard → local disk with ``GRADYARD_MALLOC_TUNING=0`` in its Ray workers (checked)."""
+    """gradyard → local disk with its host-allocator settings off in its workers (checked)."""
     res, cmd = run_gradyard(bench, wl, "local", mode, worker_env={"GRADYARD_MALLOC_TUNING": "0"})
     if (res["host_allocator"] or {}).get("tuned"):
         raise RuntimeError(f"GRADYARD_MALLOC_TUNING=0 did not reach the workers: {res['host_allocator']}")
     return res, cmd
 
 
-def workloads(size: Size) -> list[Workload]:
-    out = [Workload("fashion-cnn", size.fashion_steps, size.fashion_checkpoint_every)]
-    if size.alexnet_steps:
-        out.append(Workload("alexnet", size.alexnet_steps, size.alexnet_checkpoint_every,
-                            batch_size=size.alexnet_batch_size))
+def contenders(size: Size, mode: str, stress: bool = False, allocator_split: bool = False) -> dict[str, Callable]:
+    kinds = ["s3"] if stress else [k for k, on in (("local", size.local_rounds), ("s3", size.s3_rounds)) if on]
+    out: dict[str, Callable] = {}
+    for kind in kinds:
+        out[f"torchrun_{kind}"] = lambda b, w, k=kind: run_torchrun(b, w, k)
+        out[f"ray_train_{kind}"] = lambda b, w, k=kind: run_ray_train(b, w, mode, k)
+        out[f"gradyard_{kind}"] = lambda b, w, k=kind: run_gradyard(b, w, k, mode)
+    if allocator_split and "local" in kinds:  # what gradyard.hostmem's settings give, allocators apart
+        out["gradyard_glibc_local"] = lambda b, w: _glibc_defaults(b, w, mode)
     return out
 
 
-def compare(raw: dict[str, list[dict]]) -> dict:
-    rates = {name: [x["steps_per_second"] for x in runs] for name, runs in raw.items()}
-    ratios = {}
-    for a, b, target in RATIOS:
-        if a in rates and b in rates:
-            s = summary(paired(rates[a], rates[b]))
-            if target is not None:
-                s["target"] = target
-                s["met"] = bool(s.get("n")) and s["median"] >= target
-            ratios[f"{a}/{b}"] = s
-    # Per checkpoint, how long training was blocked (gradyard: the hand-off to its writer,
-    # including any wait for the previous upload; gradyard also checkpoints at the end).
-    blocked = {name: summary([s for x in runs for s in x["checkpoint_seconds"]])
-               for name, runs in raw.items()}
-    return {"steps_per_second": {n: summary(v) for n, v in rates.items()}, "ratios": ratios,
-            "checkpoint_blocked_seconds": blocked}
+def compare(job: str, raw: dict[str, list[dict]], judged: bool) -> tuple[list[dict], list[dict]]:
+    """(the ratio rows of this workload, the targets among them)."""
+    rate = {name: [x["steps_per_second"] for x in runs] for name, runs in raw.items()}
+    rows, targets = [], []
+    for kind in ("local", "s3"):
+        ours = f"gradyard_{kind}"
+        for theirs, target in TARGETS.items():
+            if ours in rate and f"{theirs}_{kind}" in rate:
+                r = ratio(paired(rate[ours], rate[f"{theirs}_{kind}"]), target if judged else None)
+                name = f"{job}: {label(ours)} / {label(f'{theirs}_{kind}')}"
+                rows.append([name, r, r.get("target", ""), r.get("verdict", "")])
+                if judged:
+                    targets.append({"name": name, **r})
+        if f"ray_train_{kind}" in rate and f"torchrun_{kind}" in rate:  # what Ray itself costs here
+            rows.append([f"{job}: {label(f'ray_train_{kind}')} / {label(f'torchrun_{kind}')}",
+                         ratio(paired(rate[f"ray_train_{kind}"], rate[f"torchrun_{kind}"])), "", ""])
+    if "gradyard_glibc_local" in rate:
+        rows.append([f"{job}: gradyard → local disk / {label('gradyard_glibc_local')}",
+                     ratio(paired(rate["gradyard_local"], rate["gradyard_glibc_local"])), "", ""])
+    if "gradyard_s3" in rate and "gradyard_local" in rate:
+        rows.append([f"{job}: gradyard → S3 / gradyard → local disk",
+                     ratio(paired(rate["gradyard_s3"], rate["gradyard_local"])), "", ""])
+    return rows, targets
+
+
+def workloads(size: Size) -> list[tuple[str, Workload, str, bool]]:
+    """(name, workload, launch mode, stress case) of each set of rounds."""
+    out = [("fashion-cnn", Workload("fashion-cnn", size.fashion_steps, size.fashion_checkpoint_every), "job", False)]
+    if size.alexnet_steps:
+        for name, every, stress in (("alexnet", size.alexnet_checkpoint_every, False),
+                                    ("alexnet, stress case", size.alexnet_stress_every, True)):
+            out.append((name, Workload("alexnet", size.alexnet_steps, every,
+                                       batch_size=size.alexnet_batch_size), "embedded", stress))
+    return out
 
 
 def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = print) -> dict:
     from gradyard.trainer import STEADY_AFTER_STEPS  # imports torch: not at the bench's start-up
 
-    out = {"workloads": {}, "targets": TARGETS}
-    for wl in workloads(size):
+    tables, targets, commands, raws = [], [], {}, {}
+    for name, wl, mode, stress in workloads(size):
         params = wl.check_same_model()
-        if wl.job == "fashion-cnn":
-            mode = "job" if submission.available()[0] else "client"
-        else:
-            mode = "embedded"
+        if mode == "embedded":
             bench.stop_cluster()  # nothing else runs beside an embedded cluster
-        contenders: dict[str, Callable] = {
-            "torchrun": run_torchrun,
-            "ray_train": lambda b, w, m=mode: run_ray_train(b, w, m),
-            "gradyard_local": lambda b, w, m=mode: run_gradyard(b, w, "local", m),
-            "gradyard_s3": lambda b, w, m=mode: run_gradyard(b, w, "s3", m),
-        }
-        if wl.job == "fashion-cnn" and mode == "job" and shared.get("allocator_split"):
-            contenders[GLIBC_DEFAULTS] = lambda b, w, m=mode: _glibc_defaults(b, w, m)
-        if wl.job == "fashion-cnn" and shared.get("telemetry_selected"):
-            off = Workload(wl.job, wl.steps, wl.checkpoint_every, wl.batch_size, wl.workers,
-                           telemetry=False)
-            contenders[TELEMETRY_OFF] = lambda b, w, m=mode: run_gradyard(b, off, "local", m)
-        raw, commands = rounds(bench, wl, contenders, size.repeats, say)
-        result = compare(raw)
+        split = shared.get("allocator_split") and wl.job == "fashion-cnn"
+        raw, cmds = rounds(bench, wl, contenders(size, mode, stress, split), size.repeats, say)
+        rows, judged = compare(name, raw, judged=not stress)
+        targets += judged
         shape, classes = wl.shape()
-        workload = {"job": wl.job, "model": wl.spec().model.arch, "parameters": params,
-                    "input_shape": list(shape), "classes": classes, "batch_per_worker": wl.batch,
-                    "workers": wl.workers, "steps": wl.steps, "checkpoint_every": wl.checkpoint_every,
-                    "timed_steps": wl.steps - STEADY_AFTER_STEPS, "launch": mode}
-        result.update(workload=workload, raw=raw, commands=commands)
-        result["s3_server_cpu_seconds"] = summary(
-            [x.get("s3_server_cpu_seconds") for x in raw["gradyard_s3"]])
-        missed = [k for k, v in result["ratios"].items() if v.get("met") is False]
-        # A miss of the S3 contender is explained from the S3 server's CPU and profile (benchmark
-        # 2) beside these runs' own counts; a miss with local checkpoints gets a profile of it.
-        local = [k for k in missed if k.startswith("gradyard_local/")]
-        if local and size.name != "smoke":
-            say(f"  {wl.job}: {', '.join(local)} below target; profiling gradyard's workers")
-            result["profile"] = profile.profile_gradyard(
-                bench, wl, "local", "embedded" if mode == "embedded" else "client")
-        pair = {"gradyard": raw["gradyard_local"], "ray_train": raw["ray_train"],
-                "workload": workload, "commands": {"gradyard": commands["gradyard_local"],
-                                                   "ray_train": commands["ray_train"]}}
+        tables.append({
+            "title": f"{name}: {wl.spec().model.arch}, {params:,} parameters, input {'×'.join(map(str, shape))}, "
+                     f"{classes} classes; {wl.workers} workers × batch {wl.batch}, {wl.steps} steps "
+                     f"({wl.steps - STEADY_AFTER_STEPS} timed), a checkpoint every {wl.checkpoint_every}",
+            "columns": ["contender", "steps/s", "training blocked per checkpoint, s"],
+            "rows": [[label(n), summary([x["steps_per_second"] for x in runs]),
+                      summary([s for x in runs for s in x["checkpoint_seconds"]])] for n, runs in raw.items()]})
+        tables.append({"title": "", "columns": ["ratio, per round", "estimate [95% interval]", "target", "verdict"],
+                       "rows": rows})
+        if "gradyard_s3" in raw:
+            tables[-1]["rows"].append([f"{name}: S3 server CPU-s per gradyard → S3 run",
+                                       summary([x.get("s3_server_cpu_seconds") for x in raw["gradyard_s3"]]), "", ""])
+        commands.update({f"{name}, {label(n)}": c for n, c in cmds.items()})
+        raws[name] = raw
+        first = next(iter(k for k in raw if k.startswith("gradyard_")))
+        pair = {"gradyard": raw[first], "ray_train": raw[first.replace("gradyard", "ray_train")],
+                "workload": {"job": wl.job, "steps": wl.steps, "launch": mode}}
         if mode == "job":
             shared["submit_rounds"] = pair
-        elif mode == "embedded":
+        elif not stress:
             shared["startup_rounds"] = pair
-        if TELEMETRY_OFF in raw:
-            shared["telemetry_rounds"] = {"on": raw["gradyard_local"], "off": raw[TELEMETRY_OFF],
-                                          "workload": workload,
-                                          "commands": {"on": commands["gradyard_local"],
-                                                       "off": commands[TELEMETRY_OFF]}}
-        out["workloads"][wl.job] = result
-    return out
+    return {"targets": targets, "tables": tables, "commands": commands, "raw": raws}
+
+
+def first_step_latency(got: dict, source: str) -> dict:
+    """Seconds from launch to the end of the first step, per contender, and gradyard's paired ratio
+    (the submission and start-up benchmarks, from their own rounds or the throughput rounds)."""
+    secs = {k: [x["first_step_at"] - x["launched_at"] for x in got[k]] for k in ("gradyard", "ray_train")}
+    return {"tables": [{"title": f"{got['workload']['job']}, {got['workload']['steps']} steps; from {source}",
+                        "columns": ["contender", "seconds to the first step's end", "/ plain Ray Train"],
+                        "rows": [["plain Ray Train", summary(secs["ray_train"]), ""],
+                                 ["gradyard", summary(secs["gradyard"]),
+                                  ratio(paired(secs["gradyard"], secs["ray_train"]))]]}],
+            "seconds": secs}
+
+
+def own_rounds(bench: Bench, size: Size, mode: str, say, job: Optional[str] = None) -> dict:
+    """Rounds of plain Ray Train and gradyard (local checkpoints) launched the ``mode`` way."""
+    wl = Workload(job or "fashion-cnn", size.short_steps, checkpoint_every=10)
+    raw, commands = rounds(bench, wl, {"ray_train": lambda b, w: run_ray_train(b, w, mode),
+                                       "gradyard": lambda b, w: run_gradyard(b, w, "local", mode)},
+                           size.repeats, say)
+    return {**raw, "workload": {"job": wl.job, "steps": wl.steps, "launch": mode}, "commands": commands}

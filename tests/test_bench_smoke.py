@@ -1,7 +1,8 @@
-"""The benchmarks still run: each once at smoke size (a few steps, one round), so none rots.
+"""The benchmarks still run (each once at smoke size, so none rots), and the statistics decide right.
 
-Not a measurement (`make bench` is).  `python -m bench` starts its own Ray
-cluster and S3 server on loopback and stops only its own processes.
+Not a measurement (`make bench` is).  The smoke run uses the session's Ray
+cluster and calibration cache; it starts its own S3 server and stops only its
+own processes.
 """
 
 from __future__ import annotations
@@ -14,132 +15,137 @@ import pytest
 
 from conftest import ROOT
 
-ALL = ["throughput", "telemetry", "checkpoint", "recovery", "faults", "submit", "startup"]
+sys.path.insert(0, str(ROOT))
+from bench import report, stats  # noqa: E402
+from bench.profile import categorize, module_of, parse  # noqa: E402
+
+ALL = ["throughput", "checkpoint", "recovery", "faults", "telemetry", "submit", "startup"]
 
 
 @pytest.mark.parametrize("job", ["fashion-cnn", "alexnet"])
 def test_plain_scripts_train_the_same_model_as_gradyard(job):
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench.contenders import Workload
+    from bench.contenders import Workload
+    from bench.scripts.plain_models import WARMUP_STEPS
+    from gradyard.trainer import STEADY_AFTER_STEPS
 
-        assert Workload(job, steps=20, checkpoint_every=10).check_same_model() > 0
-        from bench.scripts.plain_models import WARMUP_STEPS
-        from gradyard.trainer import STEADY_AFTER_STEPS
-
-        assert WARMUP_STEPS == STEADY_AFTER_STEPS  # every contender times the same steps
-    finally:
-        sys.path.remove(str(ROOT))
+    assert Workload(job, steps=20, checkpoint_every=10).check_same_model() > 0
+    assert WARMUP_STEPS == STEADY_AFTER_STEPS  # every contender times the same steps
 
 
 @pytest.mark.ray
-def test_every_benchmark_runs_once(tmp_path):
+def test_every_benchmark_runs_once(tmp_path, ray_cluster):
+    import os
+
     results, page = tmp_path / "latest.json", tmp_path / "benchmarks.md"
-    r = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--results",
-                        str(results), "--docs", str(page)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    page.write_text("# Benchmarks\n\nHand-written interpretation.\n\n" + report.BEGIN + "\nold\n" + report.END
+                    + "\n\nHand-written notes after.\n")
+    r = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--results", str(results), "--docs", str(page),
+                        "--cluster", ray_cluster.address, ray_cluster.dashboard,
+                        "--calibration", os.environ["GRADYARD_PROFILE_DIR"]],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
     doc = json.loads(results.read_text())
     assert sorted(doc["benchmarks"]) == sorted(ALL)
     for name, b in doc["benchmarks"].items():
         assert b["status"] == "ok", (name, b.get("error"))
+        assert b["tables"] and all(t["rows"] for t in b["tables"]), name
 
-    tp = doc["benchmarks"]["throughput"]["workloads"]["fashion-cnn"]
-    for contender, s in tp["steps_per_second"].items():
-        assert s["n"] == 1 and s["median"] > 0, contender
-    assert {"gradyard_local/ray_train", "gradyard_s3/torchrun"} <= set(tp["ratios"])
-    assert [x["host_allocator"]["tuned"] for x in tp["raw"]["gradyard_local"]] == [True]
-    assert doc["benchmarks"]["telemetry"]["step_time_ratio_on_over_off"]["n"] == 1  # smoke: one comparison
-    prof = doc["benchmarks"]["telemetry"]["profile"]  # at smoke size whether or not the target is met
-    assert "error" not in prof, prof
-    on, off = prof["arms"]["on"]["categories"], prof["arms"]["off"]["categories"]
-    assert sum(v for k, v in on.items() if k.startswith("telemetry:")) > 0
-    assert "telemetry: DDP comm hook (its Python, not the allreduce)" not in off  # no hook in that arm
-    assert on.get("compute: backward + DDP allreduce", 0) > 0 and off.get("compute: backward + DDP allreduce", 0) > 0
-    ck = doc["benchmarks"]["checkpoint"]
-    assert ck["parameters"] == 61_100_840 and ck["checkpoint_bytes"] > 4e8
-    assert ck["upload"]["ratio"]["median"] > 0
-    for state in (ck["cpu_seconds_per_checkpoint"], ck["small_state"]["cpu_seconds_per_checkpoint"]):
-        assert state["writer_s3"]["median"] > 0 and state["s3_server"]["n"] > 0
-    assert ck["s3_server_profile"]["samples"] > 0  # py-spy could attach to the S3 server
-    assert doc["benchmarks"]["recovery"]["seconds_to_first_resumed_step"]["median"] > 0
-    sub = doc["benchmarks"]["submit"]
-    assert not sub["available"] or sub["seconds_to_first_step"]["gradyard"]["median"] > 0
-    assert doc["benchmarks"]["startup"]["seconds_to_first_step"]["ray_train"]["median"] > 0
+    raw = doc["benchmarks"]["throughput"]["raw"]["fashion-cnn"]
+    assert set(raw) == {"torchrun_s3", "ray_train_s3", "gradyard_s3"}  # the smoke's S3 round
+    for contender, runs in raw.items():
+        assert len(runs) == 1 and runs[0]["steps_per_second"] > 0, contender
+        assert len(runs[0]["checkpoint_seconds"]) >= 1, contender  # every contender checkpointed to S3
+    targets = {t["name"]: t for b in doc["benchmarks"].values() for t in b.get("targets", [])}
+    assert "fashion-cnn: gradyard → S3 / plain Ray Train → S3" in targets
+    assert all(t["verdict"] == "not resolved" for t in targets.values())  # one round decides nothing
+    arms = doc["benchmarks"]["telemetry"]["profile"]["arms"]
+    assert sum(v for k, v in arms["on"].items() if k.startswith("gradyard.telemetry")) > 0
+    assert not any(k.startswith("gradyard.telemetry") for k in arms["off"])  # no telemetry in that arm
+    state = doc["benchmarks"]["checkpoint"]["states"][0]
+    assert state["checkpoint_bytes"] > 0 and state["upload_ratio"]["estimate"] > 0
+    assert state["cpu_seconds"]["s3_server"]["n"] == 1 and state["s3_server_profile"]  # py-spy saw the server
+    assert doc["benchmarks"]["recovery"]["rounds"][0]["seconds_to_first_resumed_step"] > 0
+    assert doc["benchmarks"]["faults"]["rounds"][0]["hang_detect_seconds"] > 0
+    for name in ("submit", "startup"):
+        assert all(v[0] > 0 for v in doc["benchmarks"][name]["seconds"].values()), name
 
     text = page.read_text()
-    assert "do not quote" in text and "## 5. Start-up on an embedded cluster" in text
+    assert text.startswith("# Benchmarks\n\nHand-written interpretation.") and text.endswith("Hand-written notes after.\n")
+    assert "old" not in text.split(report.BEGIN)[1] and "do not quote" in text and "## 7. Start-up" in text
     assert "AKIA" not in text and "gy-bench-not-a-secret" not in text  # no S3 key on the page
 
 
 @pytest.mark.unit
-def test_profile_keeps_one_off_census_out_of_the_loop_shares():
-    """The census and FLOP count of steps 1-7 precede the timed steps: not shares of the loop."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench.profile import ONE_OFF, parse_raw
-    finally:
-        sys.path.remove(str(ROOT))
-    top = 'process 7:"ray::RayTrainWorker";MainThread;Trainer.fit (gradyard/trainer.py:360)'
-    raw = "\n".join([
-        f"{top};Trainer.train_step (gradyard/trainer.py:280);Tensor.backward (torch/_tensor.py:600) 10",
-        f"{top};Trainer.fire (gradyard/trainer.py:240);CensusCallback.on_event (gradyard/analysis/callback.py:100);"
-        "CensusMode.__torch_dispatch__ (gradyard/analysis/census.py:300) 5",
-        f"{top};Trainer.train_step (gradyard/trainer.py:280);Module._call_impl (torch/nn/modules/module.py:1);"
-        "FlopCounterMode.__torch_dispatch__ (torch/utils/flop_counter.py:700) 1",
-        # Their dispatch on the other steps is per-step cost of the callback, not one-off.
-        f"{top};Trainer.fire (gradyard/trainer.py:240);CensusCallback.on_event (gradyard/analysis/callback.py:92) 4",
-        # The comm hook's wait for the allreduce is DDP's own wait, in backward.
-        f"{top};Trainer.train_step (gradyard/trainer.py:280);Tensor.backward (torch/_tensor.py:600);"
-        "GradSyncMonitor._hook (gradyard/telemetry/comm.py:190);allreduce_and_wait (gradyard/telemetry/comm.py:78) 7",
-        f"{top};Trainer.fire (gradyard/trainer.py:240);GradSyncMonitor.on_event (gradyard/telemetry/comm.py:150) 2",
-        'process 7:"ray::RayTrainWorker";writer;BackgroundWriter._run (gradyard/checkpoint/writer.py:210) 3',
-    ])
-    got = parse_raw(raw)
-    cats = {k: v["samples"] for k, v in got["categories"].items()}
-    assert got["samples"] == 32 and got["loop_samples"] == 23
-    assert cats[ONE_OFF] == 6 and cats["background: checkpoint writer thread"] == 3
-    assert cats["compute: backward + DDP allreduce"] == 17
-    assert cats["gradyard: gradyard.telemetry.comm (GradSyncMonitor)"] == 2
-    assert cats["gradyard: gradyard.analysis.callback (CensusCallback)"] == 4
+def test_a_target_is_met_missed_or_not_resolved_by_its_interval():
+    met = stats.ratio([1.10, 1.07, 1.12, 1.03, 1.16], 0.97)
+    assert met["verdict"] == "met" and met["ci"][0] > 0.97 and met["ci"][0] < met["estimate"] < met["ci"][1]
+    missed = stats.ratio([0.45, 0.48, 0.43, 0.50, 0.41], 0.95)
+    assert missed["verdict"] == "missed" and missed["ci"][1] < 0.95
+    lower = stats.ratio([1.03, 1.01, 1.04, 1.02, 1.03], 1.02, better="lower")
+    assert lower["verdict"] == "not resolved" and lower["ci"][0] < 1.02 < lower["ci"][1]
+    # The interval narrows as 1/sqrt(rounds): more rounds of the same spread resolve it.
+    assert lower["rounds_to_resolve"] > 5
+    more = stats.ratio([1.03, 1.01, 1.04, 1.02, 1.03] * (lower["rounds_to_resolve"] // 5 + 2), 1.02, better="lower")
+    assert more["verdict"] == "missed"
+    assert stats.ratio([1.0, 1.2], 0.95) == {"n": 2, "values": [1.0, 1.2], "estimate": pytest.approx(1.0954, rel=1e-3),
+                                              "target": 0.95, "better": "higher", "verdict": "not resolved",
+                                              "rounds_to_resolve": stats.MIN_ROUNDS}
+    assert stats.ratio([1.0] * 5, 1.0)["verdict"] == "not resolved"  # on the target exactly
 
 
 @pytest.mark.unit
-def test_telemetry_profile_tells_the_arms_and_telemetrys_own_code_apart():
-    """The A/B profile counts each arm's thread apart; the hook's allreduce wait is backward, as without it."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench.profile import BACKWARD, parse_ab_raw
-        from bench.report import _telemetry_profile
-    finally:
-        sys.path.remove(str(ROOT))
-    fit = "Thread.run (threading.py:982);run (telemetry_ab.py:150);Trainer.fit (gradyard/trainer.py:360)"
-    bwd = "Trainer.train_step (gradyard/trainer.py:280);Tensor.backward (torch/_tensor.py:600)"
-    raw = "\n".join([
-        f"thread (0x1): arm-on;{fit};{bwd} 90",
-        f"thread (0x1): arm-on;{fit};{bwd};GradSyncMonitor._hook (gradyard/telemetry/comm.py:185) 3",
-        f"thread (0x1): arm-on;{fit};{bwd};GradSyncMonitor._hook (gradyard/telemetry/comm.py:190);"
-        "allreduce_and_wait (gradyard/telemetry/comm.py:78) 10",
-        f"thread (0x1): arm-on;{fit};Trainer.fire (gradyard/trainer.py:240);"
-        "StepTimer.on_event (gradyard/telemetry/timing.py:80) 2",
-        f"thread (0x1): arm-on;{fit};Trainer.train_step (gradyard/trainer.py:280);"
-        "FlopCounterMode.__torch_dispatch__ (torch/utils/flop_counter.py:700) 7",
-        f"thread (0x2): arm-off;{fit};{bwd} 100",
-        f"thread (0x2): arm-off;{fit};Trainer.fire (gradyard/trainer.py:240);"
-        "Turns.on_event (bench/scripts/telemetry_ab.py:110) 1",
-        "thread (0x3): MainThread;main (telemetry_ab.py:170);Thread.join (threading.py:1119) 50",
-        "thread (0x4): arm-off;Thread.run (threading.py:982);run (telemetry_ab.py:150) 4",  # not in fit
-    ])
-    arms = parse_ab_raw(raw)
-    assert set(arms) == {"on", "off"}
-    on, off = arms["on"], arms["off"]
-    assert on["loop_samples"] == 105 and on["one_off_samples"] == 7 and off["loop_samples"] == 101
-    assert on["categories"][BACKWARD] == 100 and off["categories"][BACKWARD] == 100
-    assert on["categories"]["telemetry: DDP comm hook (its Python, not the allreduce)"] == 3
-    assert on["categories"]["telemetry: callbacks"] == 2
-    assert off["categories"]["bench: handing turns over"] == 1
-    text = "\n".join(_telemetry_profile({"arms": arms, "rate": 1000, "command": "py-spy ...",
-                                         "total_ratio": 1.04}, {"met": False}))
-    assert text.lstrip().startswith("Why, from a profile") and "| telemetry: callbacks | 2 | 0 | +2.0% |" in text
-    assert "| **training loop** | 105 | 101 | +4.0% |" in text
+def test_the_page_keeps_its_hand_written_text_and_renders_tables_from_data():
+    doc = {"generated_at": "2026-12-01T00:00:00", "command": "python -m bench", "total_seconds": 60, "size": "full",
+           "machine": {"cpu": "x", "cores": 2, "memory_gib": 1, "gpu": "none", "load_average_at_start": [1, 1, 1]},
+           "versions": {"torch": "2"},
+           "benchmarks": {"telemetry": {"status": "ok", "size": "full", "repeats": 4, "seconds": 1,
+                                        "targets": [{"name": "on / off", **stats.ratio([1.001, 1.004, 1.002], 1.01, "lower")}],
+                                        "tables": [{"title": "t", "columns": ["a", "b"],
+                                                    "rows": [["step", stats.summary([0.5, 0.25, 1.0])], ["n", 1234]]}]}}}
+    page = "# B\n\nmine\n\n" + report.BEGIN + "\nstale\n" + report.END + "\nafter\n"
+    out = report.render(doc, page, {"telemetry": "5. Telemetry overhead"})
+    assert out.startswith("# B\n\nmine\n\n" + report.BEGIN) and out.endswith(report.END + "\nafter\n")
+    assert "stale" not in out and "## 5. Telemetry overhead" in out
+    assert "| step | 0.5 (0.25–1) |" in out and "| n | 1,234 |" in out
+    assert "| on / off ≤ 1.01 | 1× [1–1] | **met** |" in out.replace("1.00", "1")
+    assert report.render(doc, "", {}).startswith(report.BEGIN)  # a new page is the generated block
 
+
+@pytest.mark.unit
+def test_profile_samples_are_sorted_by_the_module_of_their_innermost_frame():
+    import gradyard
+    import torch
+
+    gy, th = gradyard.__file__.rsplit("/", 1)[0], torch.__file__.rsplit("/", 1)[0]
+    assert module_of(f"{gy}/telemetry/comm.py") == "gradyard.telemetry"
+    assert module_of(f"{th}/nn/modules/conv.py") == "torch.nn"
+    fit = f"Thread.run (threading.py:982);Trainer.fit ({gy}/trainer.py:360)"
+    raw = "\n".join([
+        f"thread (0x1): arm-on;{fit};Trainer.train_step ({gy}/trainer.py:280);Tensor.backward ({th}/_tensor.py:600) 90",
+        f"thread (0x1): arm-on;{fit};Trainer.fire ({gy}/trainer.py:240);StepTimer.on_event ({gy}/telemetry/timing.py:80) 4",
+        f"thread (0x2): arm-off;{fit};Trainer.train_step ({gy}/trainer.py:280);SGD.step ({th}/optim/sgd.py:10) 7",
+        "thread (0x3): MainThread;main (telemetry_ab.py:170);Thread.join (threading.py:1119) 50",  # not in the loop
+    ])
+    arms = parse(raw, thread=r"thread \(\w+\): arm-(\w+)$")
+    assert arms == {"on": {"torch._tensor": 90, "gradyard.telemetry": 4}, "off": {"torch.optim": 7}}
+    assert categorize([("main", "x.py")]) is None
+
+
+def test_the_gpu_script_runs_dry_on_the_cpu(tmp_path):
+    """bench/gpu.sh --dry: every figure of a GPU day is produced (on CPU: NVML reported absent, not faked)."""
+    import os
+
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([str(ROOT / "bench" / "gpu.sh"), "--dry", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
+    doc = json.loads(out.read_text())
+    assert doc["dry"] and [w["job"] for w in doc["workloads"]] == ["alexnet", "efficientnet-transfer"]
+    for w in doc["workloads"]:
+        assert all(s["n"] == 1 and s["median"] > 0 for s in w["steps_per_second"].values()), w["job"]
+        assert w["gradyard_over_plain"]["verdict"] == "not resolved"  # one round decides nothing
+        assert w["checkpoint_stall_over_step"]["n"] >= 1  # a checkpoint fell inside the timed steps
+        assert w["mfu"] and 0 < w["mfu"] < 1 and w["peak_flops_used"] > 0  # scraped from the live endpoint
+        assert not any(w["nvml_series"].values()) and w["nvml_series"]  # no GPU here: absent, and said so
+        assert w["verdict"]["regime"]
+    assert doc["peaks"]["measured_peak_flops"] and "dry run" in out.with_suffix(".md").read_text()

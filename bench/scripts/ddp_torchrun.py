@@ -31,14 +31,17 @@ from plain_models import WARMUP_STEPS, SyntheticImages, build_model  # noqa: E40
 # ------------------------------------------------------------------ the tutorial's shape
 
 
-def ddp_setup():
-    init_process_group(backend="gloo")
+def ddp_setup(device: torch.device):
+    init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
 class Trainer:
-    def __init__(self, model, train_data, optimizer, save_every: int, snapshot_path: str):
+    def __init__(self, model, train_data, optimizer, save_every: int, snapshot_path: str,
+                 s3_endpoint: str | None = None, device: torch.device = torch.device("cpu"), bf16: bool = False):
+        self.s3_endpoint = s3_endpoint
         self.rank = int(os.environ["RANK"])
-        self.model = DDP(model)
+        self.device, self.bf16 = device, bf16
+        self.model = DDP(model.to(device), device_ids=[device.index] if device.type == "cuda" else None)
         self.train_data = train_data
         self.optimizer = optimizer
         self.save_every = save_every
@@ -49,16 +52,24 @@ class Trainer:
         self.first_step_at = None
 
     def _run_batch(self, source, targets):
+        source, targets = source.to(self.device), targets.to(self.device)
         self.optimizer.zero_grad()
-        output = self.model(source)
-        loss = F.cross_entropy(output, targets)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            output = self.model(source)
+            loss = F.cross_entropy(output, targets)
         loss.backward()
         self.optimizer.step()
 
     def _save_snapshot(self):
         snapshot = {"MODEL_STATE": self.model.module.state_dict(),
                     "OPTIMIZER_STATE": self.optimizer.state_dict(), "STEP": self.step}
-        torch.save(snapshot, self.snapshot_path)
+        if self.snapshot_path.startswith("s3://"):  # object storage: torch.save into an fsspec file
+            import fsspec
+
+            with fsspec.open(self.snapshot_path, "wb", client_kwargs={"endpoint_url": self.s3_endpoint}) as f:
+                torch.save(snapshot, f)
+        else:
+            torch.save(snapshot, self.snapshot_path)
 
     def train(self, max_steps: int):
         epoch = 0
@@ -71,6 +82,8 @@ class Trainer:
                     t0 = time.perf_counter()
                     self._save_snapshot()
                     self.checkpoint_seconds.append(time.perf_counter() - t0)
+                if self.device.type == "cuda" and self.step in (WARMUP_STEPS, max_steps):
+                    torch.cuda.synchronize()  # the step's kernels are done, not only queued
                 now = time.perf_counter()
                 if self.step == 1:
                     self.first_step_at = time.time()
@@ -90,24 +103,34 @@ def main():
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--snapshot-path", default="snapshot.pt")
+    p.add_argument("--snapshot-path", default="snapshot.pt", help="a local path or s3://bucket/key")
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL (with an s3:// --snapshot-path)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     shape = tuple(int(x) for x in args.shape.split(","))
 
-    ddp_setup()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ddp_setup(device)
     torch.manual_seed(args.seed)
     model = build_model(args.model, shape, args.classes)
     dataset = SyntheticImages(args.samples, shape, args.classes, args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                         sampler=DistributedSampler(dataset, seed=args.seed))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    trainer = Trainer(model, loader, optimizer, args.checkpoint_every, args.snapshot_path)
+    model = model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.Adam(params, lr=args.lr) if args.optimizer == "adam" else
+                 torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay))
+    trainer = Trainer(model, loader, optimizer, args.checkpoint_every, args.snapshot_path, args.s3_endpoint,
+                      device, args.bf16)
     trainer.train(args.steps)
     if trainer.rank == 0:
         (s0, t0), (s1, t1) = trainer.marks

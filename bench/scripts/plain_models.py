@@ -39,6 +39,12 @@ def build_model(name: str, shape: tuple, classes: int) -> nn.Module:
         return FashionCNN(shape[0], shape[-1], classes)
     if name == "alexnet":
         return torchvision.models.alexnet(weights=None, num_classes=classes)
+    if name == "efficientnet_b0_transfer":  # frozen features, a new head (torchvision's transfer tutorial)
+        model = torchvision.models.efficientnet_b0(weights=None)
+        for p in model.features.parameters():
+            p.requires_grad = False
+        model.classifier = nn.Sequential(nn.Dropout(p=0.2, inplace=True), nn.Linear(1280, classes))
+        return model
     raise SystemExit(f"unknown model {name}")
 
 

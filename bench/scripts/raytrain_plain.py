@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -26,7 +27,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.nn.functional as F
-from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointUploadMode, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch.utils.data import DataLoader
 
@@ -60,15 +61,19 @@ def train_func(config: dict):
             step += 1
             if every and step % every == 0:
                 t0 = time.perf_counter()
-                with tempfile.TemporaryDirectory() as tmp:
-                    checkpoint = None
-                    if rank == 0:
-                        torch.save({"model": model.module.state_dict()
-                                    if hasattr(model, "module") else model.state_dict(),
-                                    "optimizer": optimizer.state_dict(), "step": step},
-                                   os.path.join(tmp, "checkpoint.pt"))
-                        checkpoint = Checkpoint.from_directory(tmp)
-                    ray.train.report({"step": step}, checkpoint=checkpoint)
+                # Async upload (Ray deletes the folder once uploaded) or the guide's synchronous one.
+                tmp = tempfile.mkdtemp()
+                checkpoint = None
+                if rank == 0:
+                    torch.save({"model": model.module.state_dict()
+                                if hasattr(model, "module") else model.state_dict(),
+                                "optimizer": optimizer.state_dict(), "step": step},
+                               os.path.join(tmp, "checkpoint.pt"))
+                    checkpoint = Checkpoint.from_directory(tmp)
+                ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_upload_mode=(
+                    CheckpointUploadMode.ASYNC if config["async_upload"] else CheckpointUploadMode.SYNC))
+                if not config["async_upload"] or checkpoint is None:
+                    shutil.rmtree(tmp, ignore_errors=True)
                 checkpoint_seconds.append(time.perf_counter() - t0)
             now = time.perf_counter()
             if step == 1:
@@ -86,6 +91,20 @@ def train_func(config: dict):
                        "checkpoint_seconds": checkpoint_seconds}, f)
 
 
+def storage(path: str | None, endpoint: str | None) -> dict:
+    """RunConfig's storage_path, and for S3 an S3-compatible endpoint as Ray's storage guide sets it."""
+    if not path or not path.startswith("s3://"):
+        return {"storage_path": path}
+    from urllib.parse import urlparse
+
+    import pyarrow.fs
+
+    url = urlparse(endpoint)
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=url.netloc, scheme=url.scheme,
+                                 region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    return {"storage_path": path.removeprefix("s3://"), "storage_filesystem": fs}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--address", help="Ray cluster; `local` starts one here")
@@ -101,7 +120,9 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--storage", help="RunConfig.storage_path (default ~/ray_results)")
+    p.add_argument("--storage", help="RunConfig.storage_path: a folder or s3://bucket/prefix (default ~/ray_results)")
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL (with an s3:// --storage)")
+    p.add_argument("--async-upload", action="store_true", help="report(checkpoint_upload_mode=ASYNC)")
     p.add_argument("--name", default="plain-raytrain")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -109,12 +130,12 @@ def main():
         ray.init(address=args.address)
     config = {k: getattr(args, k) for k in ("model", "classes", "samples", "steps", "batch_size",
                                             "lr", "momentum", "weight_decay", "seed",
-                                            "checkpoint_every")}
+                                            "checkpoint_every", "async_upload")}
     config["shape"] = [int(x) for x in args.shape.split(",")]
     config["out"] = os.path.abspath(args.out)
     trainer = TorchTrainer(train_func, train_loop_config=config,
                            scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=False),
-                           run_config=RunConfig(name=args.name, storage_path=args.storage))
+                           run_config=RunConfig(name=args.name, **storage(args.storage, args.s3_endpoint)))
     trainer.fit()
 
 

@@ -7,19 +7,15 @@ threshold* (128 KiB, raised on the fly up to 32 MiB) is a fresh ``mmap`` and is
 unmapped again when freed, and freed heap memory above the *trim threshold*
 is handed back to the kernel.  Either way the next step's tensors land on
 fresh pages: a page fault and a zeroed page for every 4 KiB, every step.
-Measured on the bench machine (gradyard under torchrun, 2 workers, whole
-jobs, tuned against ``GRADYARD_MALLOC_TUNING=0``): AlexNet 1.26 -> 1.48
-steps/s, fashion-cnn 72 -> 79 steps/s; ``docs/benchmarks.md`` has the same
-split side by side on Ray.  With the defaults, two training *threads* in one
-process (the telemetry A/B bench) also each settled into a speed of their own,
-up to 15% apart for the rest of the run; with the thresholds fixed they did not.
+With the defaults, two training *threads* in one process also each settle
+into a speed of their own for the rest of the run; with the thresholds fixed
+they do not.  ``docs/benchmarks.md`` has the measured effect, with the command
+that measures it (``GRADYARD_MALLOC_TUNING=0`` turns it off).
 
 Limit: glibc gives every thread its own arena, and a thread arena's heaps
 hold at most 64 MiB, so on a thread other than the main one (Ray Train runs
 the training loop in one) a larger block is still mapped afresh each step;
-torchrun workers train on their main thread.  Measured alone, allocate, fill
-and free of 151 MB: 44 ms on the main thread, 64 ms on another (73-78 ms with
-the defaults).
+torchrun workers train on their main thread.
 
 What: :func:`tune_host_allocator` fixes both thresholds high
 (``mallopt(M_MMAP_THRESHOLD)``, ``mallopt(M_TRIM_THRESHOLD)``), which also turns

@@ -376,8 +376,8 @@ class TelemetrySection(_Section):
     """Metrics port of each worker's exporter; 0 picks a free one (registered for discovery)."""
     profile_ops: bool = False
     """Also run torch.profiler over one step of the job's census, for per-op times in
-    `analysis/step.json`.  Off by default: after it, that process trains about 4% slower
-    for the rest of the run (measured on fashion-cnn by `python -m bench --only telemetry`).
+    `analysis/step.json`.  Off by default: PyTorch's profiler leaves the thread that ran it
+    slower for the rest of the run.
     The verdict does without it; `gradyard analyze` and `gradyard.analysis.probe` profile
     outside the job."""
 

@@ -55,8 +55,8 @@ def bus_bandwidth(algbw: float, world_size: int) -> float:
 def allreduce_and_wait(group: Any, buffer: torch.Tensor) -> None:
     """Sum ``buffer`` over ``group`` in place and wait for it (the CPU path's last bucket).
 
-    A function of its own so that profiles tell this wait (communication) from
-    the hook's own Python (bench/profile.py's telemetry attribution).
+    A function of its own so that a profile's innermost frame tells this wait
+    (communication) from the hook's own Python.
     """
     group.allreduce([buffer]).wait()
 

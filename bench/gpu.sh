@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# bench/gpu.sh [--dry] [--rounds N] [--steps N]: gradyard on one GPU under plain torchrun (no Ray).
+#
+# Runs the CUDA-only tests, then `python -m bench.gpu`: gradyard against a plain torchrun script on
+# AlexNet and EfficientNet-B0 (bf16), telemetry on vs off, the checkpoint stall, the NVML series and
+# MFU on the metrics endpoint, MFU against the measured and published peaks, and the live verdict.
+# Results: bench/results/gpu.json and gpu.md; commit them.  Under 8 minutes on one GPU.
+# --dry runs the same on the CPU at a few steps (the smoke test's): it proves the script, not the GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi; fi
+export PYTHONPATH="$PWD/platform:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ "${1:-}" != "--dry" ]; then
+  "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "bench/gpu.sh: no CUDA device (use --dry on a CPU)")'
+  # The CUDA-only tests (they skip without a GPU, so here they must run); no Ray needed.
+  "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
+fi
+exec "$PY" -m bench.gpu "$@"
