@@ -383,6 +383,40 @@ def test_exporter_serves_and_cleans_up(tmp_path, identity):
 
 
 @pytest.mark.unit
+def test_exporter_serves_on_the_port_its_pod_declares(monkeypatch):
+    """On KubeRay the pod declares its metrics ports (GRADYARD_METRICS_PORTS) and a PodMonitor scrapes only
+    those: local rank r serves on FIRST + r, telemetry.port notwithstanding; a taken port is an error
+    naming the port, never a free port nobody scrapes."""
+    from gradyard.telemetry.exporter import MetricsPortError, metrics_port
+
+    base = free_port()
+    monkeypatch.setenv("GRADYARD_METRICS_PORTS", f"{base}-{base + 1}")
+    assert metrics_port(1, configured=7000) == (base + 1, range(base, base + 2))
+    m = TelemetryMetrics()
+    m.bind(CPU_IDENTITY)
+    exporter = PrometheusExporter(m, port=7000, host="127.0.0.1")
+    second = PrometheusExporter(TelemetryMetrics(), host="127.0.0.1")
+    try:
+        assert exporter.start(local_rank=0) == ("127.0.0.1", base)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{base}/metrics", timeout=5).read().decode()
+        assert "gradyard_worker_info" in body
+        # A second worker of local rank 0 in the same pod (another job's): the declared port is taken.
+        with pytest.raises(MetricsPortError, match=rf"metrics port {base} of local rank 0 .* will not be scraped"):
+            second.start(local_rank=0)
+        assert second.port is None and second._server is None  # no fallback server on an undeclared port
+    finally:
+        exporter.close()
+        second.close()
+    for bad in ("9500-9400", "metrics", "0", "9500-70000"):
+        monkeypatch.setenv("GRADYARD_METRICS_PORTS", bad)
+        with pytest.raises(MetricsPortError, match=r"GRADYARD_METRICS_PORTS=.* allowed: FIRST-LAST or FIRST"):
+            metrics_port(0)
+    monkeypatch.delenv("GRADYARD_METRICS_PORTS")
+    # VMs and torchrun: telemetry.port + local rank, or a free port (0); nothing declared.
+    assert metrics_port(2, configured=9000) == (9002, None) and metrics_port(2) == (0, None)
+
+
+@pytest.mark.unit
 def test_nvml_absent_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -14,6 +14,20 @@ workers on one node never clash).  The bind address is
 ``GRADYARD_METRICS_HOST``, else the node IP Ray reports when Ray is running
 in this process, else 127.0.0.1.
 
+Declared ports (KubeRay): where nothing reads a discovery file, Prometheus
+finds a worker only on a port its pod declares (a PodMonitor names container
+ports; deploy/kuberay).  The pod template says which ports those are in
+``GRADYARD_METRICS_PORTS`` (``FIRST-LAST`` or ``FIRST``): local rank r serves
+on FIRST + r, whatever ``telemetry.port`` says (the job file does not know
+the pod it lands on; the pod does).  An environment variable, not a job key,
+because the deployment declares the ports: the same job runs on a VM, under
+torchrun and on KubeRay unchanged.  There a taken port is an error, not a
+fallback to a free one: a port the pod does not declare is never scraped, so
+a fallback would only hide that this worker's metrics are lost.  The error
+stays a best-effort callback's (the trainer logs it and counts it in the
+run's ``observer_errors``; training goes on): a second job on a long-lived
+cluster's pod must not fail for its metrics port.
+
 Discovery: rank 0 gathers every rank's ``host:port`` and identity labels
 (``all_gather_object`` when torch.distributed is initialised) and writes a
 Prometheus ``file_sd_configs`` file, ``<job name>-<run id>.json``, atomically into
@@ -40,7 +54,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch.distributed as dist
 from prometheus_client import start_http_server
@@ -51,6 +65,41 @@ from gradyard.telemetry.metrics import TelemetryMetrics, identity_labels
 log = logging.getLogger(__name__)
 
 DEFAULT_SD_DIR = "/tmp/gradyard/prometheus_sd"
+PORTS_ENV = "GRADYARD_METRICS_PORTS"
+"""The metrics ports the pod declares, ``FIRST-LAST`` or ``FIRST``; local rank r serves on FIRST + r."""
+
+
+class MetricsPortError(OSError):
+    """A declared metrics port this worker cannot serve on: its metrics will not be scraped."""
+
+
+def declared_ports(environ: Optional[Mapping[str, str]] = None) -> Optional[range]:
+    """The ports ``GRADYARD_METRICS_PORTS`` declares, or None where it is unset (VMs, torchrun)."""
+    raw = (os.environ if environ is None else environ).get(PORTS_ENV, "").strip()
+    if not raw:
+        return None
+    first, _, last = raw.partition("-")
+    try:
+        lo, hi = int(first), int(last or first)
+    except ValueError:
+        lo = hi = -1
+    if not 1 <= lo <= hi <= 65535:
+        raise MetricsPortError(f"{PORTS_ENV}={raw!r} is not a port range; allowed: FIRST-LAST or FIRST, "
+                               "ports 1 to 65535, e.g. 9500-9507")
+    return range(lo, hi + 1)
+
+
+def metrics_port(local_rank: int, configured: int = 0,
+                 environ: Optional[Mapping[str, str]] = None) -> tuple[int, Optional[range]]:
+    """(port, declared ports) of the worker of ``local_rank``: 0 means a free port, and declared is None
+    unless the pod declares ports (:data:`PORTS_ENV`); ``configured`` is ``telemetry.port``."""
+    declared = declared_ports(environ)
+    if declared is not None:
+        if configured and configured != declared.start:
+            log.warning("telemetry.port %d is ignored: this pod declares its metrics ports (%s=%s)",
+                        configured, PORTS_ENV, f"{declared.start}-{declared.stop - 1}")
+        return declared.start + local_rank, declared
+    return (configured + local_rank if configured > 0 else 0), None
 
 
 def metrics_host() -> str:
@@ -153,12 +202,23 @@ class PrometheusExporter(Callback):
                 raise failed
 
     def start(self, local_rank: int = 0) -> tuple[str, int]:
-        """Serve the registry; returns (host, port)."""
+        """Serve the registry; returns (host, port).  Raises :class:`MetricsPortError` when a declared port
+        cannot be served (see the module's "Declared ports")."""
         host = self.host or metrics_host()
-        port = self.base_port + local_rank if self.base_port > 0 else 0
+        port, declared = metrics_port(local_rank, self.base_port)
+        if declared is not None and port not in declared:
+            # Served all the same (a port-forward still reaches it), but never scraped: say so.
+            log.error("metrics of local rank %d on port %d will not be scraped: the pod declares %s=%d-%d, "
+                      "one port per local rank; declare more", local_rank, port, PORTS_ENV,
+                      declared.start, declared.stop - 1)
         try:
             self._server, self._thread = start_http_server(port, addr=host, registry=self.metrics.registry)
         except OSError as exc:
+            if declared is not None:
+                raise MetricsPortError(
+                    f"metrics port {port} of local rank {local_rank} on {host} is taken ({exc.strerror or exc}): "
+                    f"this worker's metrics will not be scraped (the pod declares {PORTS_ENV}="
+                    f"{declared.start}-{declared.stop - 1}; another job's worker on this pod?)") from None
             if port == 0:
                 raise
             # A taken fixed port must not stop training; discovery carries the real one.
