@@ -8,12 +8,15 @@ the copies in step.  They only read files; no Ray cluster is started.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
 import re
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 try:
     import tomllib
@@ -52,8 +55,6 @@ EC2_GPUS = {
     "p3.2xlarge": 1, "p3.8xlarge": 4, "p3.16xlarge": 8,
     "p4d.24xlarge": 8, "p5.48xlarge": 8,
 }  # fmt: skip
-
-ENTRYPOINT = re.compile(r"python -m gradyard\.launch (jobs/[a-z0-9][a-z0-9._-]*\.ya?ml)")
 
 
 # ------------------------------------------------------------------ helpers
@@ -452,8 +453,9 @@ def test_rayjob_runs_one_job_definition():
     workdir = _one(r"^WORKDIR (\S+)\s*$", _dockerfile(), "Dockerfile WORKDIR")
     for path, doc in _rayjobs():
         spec = doc["spec"]
-        assert ENTRYPOINT.fullmatch(spec["entrypoint"]), (
-            f"{path.name}: entrypoint must be `python -m gradyard.launch jobs/<name>.yaml`"
+        args = _launch_args(shlex.split(spec["entrypoint"]), f"{path.name}: entrypoint")
+        assert re.fullmatch(r"jobs/[a-z0-9][a-z0-9._-]*\.ya?ml", args.file), (
+            f"{path.name}: the entrypoint must train a job of the image's jobs/, not {args.file}"
         )
         assert spec.get("shutdownAfterJobFinishes") is True, f"{path.name}: shutdownAfterJobFinishes"
         assert spec.get("rayClusterSpec") or spec.get("clusterSelector"), f"{path.name}: no cluster"
@@ -464,36 +466,390 @@ def test_rayjob_runs_one_job_definition():
             assert working_dir == workdir, f"{path.name}: working_dir is not the image's WORKDIR"
 
 
-def test_rayjob_job_file_exists():
+# ------------------------------------------------------------------ shipped examples run as shipped
+#
+# Every command that trains a job and ships with the repository: each RayJob's entrypoint, and the
+# `python -m gradyard.launch ...` commands in the comments of cluster/*.yaml and deploy/kuberay/*.yaml
+# and in the shell blocks of README.md and docs/deploy.md.  Each must validate, read data that exist
+# where it runs, keep its run off the cluster's disks and use the GPUs of the cluster it is shipped with.
+
+DOCS_WITH_EXAMPLES = [REPO / "README.md", DEPLOY_DOC]
+LAUNCH = ["python", "-m", "gradyard.launch"]
+STORAGE_SECRET = "gradyard-storage"
+S3_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A cluster as gradyard.capacity sees it, from a manifest."""
+
+    nodes: list
+    """Resources of the nodes it starts with (head first)."""
+    addable: Optional[list]
+    """Resources of the node types its autoscaler may add; [] for a fixed cluster."""
+    containers: list
+    """(group, container) of every Ray container (KubeRay), else []."""
+    worker_types: list
+    """node_config of every worker node type (cluster launcher), else []."""
+
+
+@dataclass(frozen=True)
+class Example:
+    where: str
+    argv: list
+    cluster: Optional[Cluster]
+    driver_env: dict
+    """The driver container's env (a RayJob's head), for a $VAR the entrypoint's shell expands there."""
+
+
+def _launch_args(argv: list[str], where: str) -> argparse.Namespace:
+    """``argv`` (``python -m gradyard.launch ...``) parsed by the launcher's own arguments."""
+    from gradyard.cli import add_run_arguments
+
+    assert argv[:3] == LAUNCH, f"{where}: not a `python -m gradyard.launch` command: {argv}"
+    parser = argparse.ArgumentParser(prog="python -m gradyard.launch", exit_on_error=False)
+    add_run_arguments(parser)
+    try:
+        return parser.parse_args(argv[3:])
+    except (argparse.ArgumentError, SystemExit) as exc:
+        raise AssertionError(f"{where}: `{shlex.join(argv)}` is not a launcher command: {exc}") from None
+
+
+def _kuberay_node(group: dict) -> dict:
+    """A group's node as Ray sees it: KubeRay passes num-cpus/num-gpus, else the container's limits."""
+    params = group.get("rayStartParams", {})
+    container = group["template"]["spec"]["containers"][0]
+    cpus = _cpu_quantity(params["num-cpus"]) if "num-cpus" in params else _cpu_quantity(_cpus(container))
+    gpus = float(params.get("num-gpus", _gpu_limit(container)))
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+
+def _kuberay_cluster(spec: dict) -> Cluster:
+    workers = spec.get("workerGroupSpecs", [])
+    nodes = [_kuberay_node(spec["headGroupSpec"])] + [_kuberay_node(g) for g in workers
+                                                      for _ in range(g.get("replicas", 0))]
+    grows = spec.get("enableInTreeAutoscaling") is True
+    addable = [_kuberay_node(g) for g in workers if grows and g.get("maxReplicas", 0) > g.get("replicas", 0)]
+    return Cluster(nodes, addable, _ray_containers(spec), [])
+
+
+def _launcher_cluster(config: dict) -> Cluster:
+    types, head = config["available_node_types"], config["head_node_type"]
+    nodes = [dict(types[head]["resources"])]
+    nodes += [dict(t["resources"]) for n, t in types.items() if n != head for _ in range(t.get("min_workers", 0))]
+    addable = [dict(t["resources"]) for n, t in types.items()
+               if n != head and t.get("max_workers", 0) > t.get("min_workers", 0) and config.get("max_workers", 0)]
+    return Cluster(nodes, addable, [], [t["node_config"] for n, t in types.items() if n != head])
+
+
+def _commands(text: str, markdown: bool) -> list[list[str]]:
+    """The launcher commands (argv from `python -m gradyard.launch` on) in comments or shell blocks."""
+    if markdown:
+        lines = [l for block in re.findall(r"^```(?:sh|bash|shell)\n(.*?)^```", text, re.M | re.S)
+                 for l in block.splitlines()]
+    else:
+        lines = [re.sub(r"^\s*#\s?", "", l) for l in text.splitlines() if re.match(r"^\s*#", l)]
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    return [LAUNCH + shlex.split(m[1], comments=True)
+            for m in re.finditer(r"python -m gradyard\.launch (.*)$", joined, re.M)]
+
+
+def _examples() -> list[Example]:
+    out = []
     for path, doc in _rayjobs():
-        job = ENTRYPOINT.fullmatch(doc["spec"]["entrypoint"])[1]
-        assert (REPO / job).is_file(), f"{path.name} runs {job}, which is not in the repository"
+        spec = doc["spec"]
+        cluster = _kuberay_cluster(spec["rayClusterSpec"]) if "rayClusterSpec" in spec else None
+        head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0] if cluster else {}
+        out.append(Example(f"{path.name}: entrypoint", shlex.split(spec["entrypoint"]), cluster, _env(head)))
+    for path in CLUSTER_CONFIGS + KUBERAY_MANIFESTS:
+        docs = _yaml_docs(path)
+        clusters = [_launcher_cluster(d) for d in docs if "available_node_types" in d]
+        clusters += [_kuberay_cluster(d["spec"]) for d in docs if d.get("kind") == "RayCluster"]
+        for argv in _commands(path.read_text(), markdown=False):
+            out.append(Example(f"{path.relative_to(REPO)}: comment", argv, clusters[0] if clusters else None, {}))
+    for path in DOCS_WITH_EXAMPLES:
+        for argv in _commands(path.read_text(), markdown=True):
+            out.append(Example(f"{path.relative_to(REPO)}", argv, None, {}))
+    return out
 
 
-def test_rayjob_cluster_fits_its_job():
-    """The driver's own check (gradyard.capacity), on the nodes the RayJob's cluster starts with and
-    the worker groups its autoscaler, if any, may grow."""
+EXAMPLES = _examples()
+
+
+def _example_job(example: Example):
+    args = _launch_args(example.argv, example.where)
+    return args, load_job(REPO / args.file, args.overrides)
+
+
+def _image_copies() -> list[tuple[str, str]]:
+    """(repository path, path in the image relative to WORKDIR) of each COPY of the Dockerfile."""
+    out = []
+    for line in _dockerfile().splitlines():
+        if line.startswith("COPY "):
+            *sources, dest = [t for t in shlex.split(line)[1:] if not t.startswith("--")]
+            for source in sources:
+                target = dest.rstrip("/") + "/" + Path(source).name if dest.endswith("/") and not source.endswith("/") else dest
+                out.append((source.rstrip("/"), os.path.normpath(target)))
+    return out
+
+
+def _in_image(local: str) -> bool:
+    """Whether a path relative to the image's WORKDIR (the job's current directory) is in the image."""
+    wanted = os.path.normpath(local)
+    for source, target in _image_copies():
+        if wanted == target or wanted.startswith(target + "/"):
+            return (REPO / source / os.path.relpath(wanted, target)).exists()
+    return False
+
+
+def _remote(url: str) -> bool:
+    from gradyard.storage.urls import scheme
+
+    return scheme(url) in ("s3", "s3a")
+
+
+def test_shipped_examples_are_found():
+    wheres = {e.where for e in EXAMPLES}
+    assert {"rayjob.yaml: entrypoint", "cluster/aws-gpu.yaml: comment", "deploy/kuberay/raycluster.yaml: comment",
+            "docs/deploy.md"} <= wheres, wheres
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.where)
+def test_shipped_example_job_validates(example):
+    """gradyard's own validation (no torch), on the job file with the command's overrides."""
+    from gradyard.job import JobError
+    from gradyard.storage.urls import problem
+
+    args = _launch_args(example.argv, example.where)
+    assert _in_image(args.file), f"{example.where}: {args.file} is not in the image"
+    try:
+        load_job(REPO / args.file, args.overrides)
+    except JobError as exc:
+        pytest.fail(f"{example.where}: {exc}")
+    if args.storage and not args.storage.startswith("$"):
+        assert problem(args.storage) is None, f"{example.where}: --storage {args.storage}: {problem(args.storage)}"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.where)
+def test_shipped_example_reads_data_that_exist_where_it_runs(example):
+    """A built-in source, synthetic data, a remote URL, or files the image holds: the job's current
+    directory on the cluster is the image's WORKDIR (a checkout's upload holds no dataset either)."""
+    from gradyard.job import BUILTIN_SOURCES
+
+    _, spec = _example_job(example)
+    for key, value in (("data.source", spec.data.source), ("model.pretrained", spec.model.pretrained)):
+        if value is None or value in BUILTIN_SOURCES or value == "synthetic" or _remote(value):
+            continue
+        local = value[len("file://"):] if value.startswith("file://") else value
+        assert _in_image(local), (
+            f"{example.where}: {key} {value} is a local path the image does not hold (it copies "
+            f"{', '.join(s for s, _ in _image_copies())}): use a remote URL, a built-in source or "
+            f"--set data.source=synthetic"
+        )
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.where)
+def test_shipped_example_keeps_its_run_off_the_cluster(example):
+    """Checkpoints and metrics in object storage (or a filesystem every node mounts), not on a node's
+    disk, which goes with the node; S3 credentials from a Secret on every Ray container, or an instance
+    profile on every worker node type, never written in the file."""
+    args, spec = _example_job(example)
+    storage = args.storage or spec.storage.url
+    if storage.startswith("$"):
+        name = storage.strip("${}")
+        source = example.driver_env.get(name, {}).get("valueFrom", {}).get("secretKeyRef", {})
+        assert source.get("name") == STORAGE_SECRET and "value" not in example.driver_env.get(name, {}), (
+            f"{example.where}: --storage {storage}: the driver's {name} must come from the Secret {STORAGE_SECRET}"
+        )
+    else:
+        assert _remote(storage) or spec.storage.shared, (
+            f"{example.where}: the run goes to {storage}, on the disk of the node that writes it: "
+            f"give --storage s3://... (or a shared filesystem with storage.shared)"
+        )
+    cluster = example.cluster
+    if cluster is None or spec.storage.shared:
+        return
+    for group, c in cluster.containers:
+        env = _env(c)
+        for name in S3_CREDENTIALS:
+            ref = env.get(name, {}).get("valueFrom", {}).get("secretKeyRef", {})
+            assert ref.get("name") == STORAGE_SECRET and "value" not in env.get(name, {}), (
+                f"{example.where}: {group}/{c['name']} lacks {name} from the Secret {STORAGE_SECRET}"
+            )
+    for node_config in cluster.worker_types:
+        assert node_config.get("IamInstanceProfile"), (
+            f"{example.where}: a worker node type has no IamInstanceProfile to write {storage}"
+        )
+
+
+@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.cluster is not None], ids=lambda e: e.where)
+def test_shipped_example_uses_the_gpus_of_its_cluster(example):
+    """The driver's own check (gradyard.capacity) on the nodes the cluster starts with and the ones
+    its autoscaler may add; on a GPU cluster the job trains on the GPUs, and on a fixed one on all of them."""
     from gradyard.capacity import Demand, assess
 
-    for path, doc in _rayjobs():
-        job_path = REPO / ENTRYPOINT.fullmatch(doc["spec"]["entrypoint"])[1]
-        if not job_path.is_file():
-            pytest.skip(f"{job_path.relative_to(REPO)} is not written yet")
-        spec = doc["spec"].get("rayClusterSpec")
-        if spec is None:
-            continue  # clusterSelector: the cluster is not described here
+    _, spec = _example_job(example)
+    cluster = example.cluster
+    demand = Demand.of(spec.scaling)
+    verdict = assess(demand, cluster.nodes, cluster.addable)
+    assert verdict.state != "never", f"{example.where}: {verdict.message}"
+    gpus = sum(n.get("GPU", 0) for n in cluster.nodes + cluster.addable)
+    if not gpus:
+        return
+    assert spec.scaling.use_gpu, f"{example.where}: a CPU job on a GPU cluster: its GPU workers sit idle"
+    if not cluster.addable:
+        assert verdict.state == "fits", f"{example.where}: {verdict.message}"
+        used = demand.workers * demand.bundle.get("GPU", 0)
+        assert used == gpus, f"{example.where}: the job uses {used} of the cluster's {gpus} GPUs"
 
-        def node(group: dict) -> dict:
-            gpus = float(group.get("rayStartParams", {}).get("num-gpus", "0"))
-            cpus = _cpu_quantity(_cpus(group["template"]["spec"]["containers"][0]))
-            return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
 
-        workers = spec.get("workerGroupSpecs", [])
-        nodes = [node(spec["headGroupSpec"])] + [node(g) for g in workers for _ in range(g.get("replicas", 0))]
-        grows = spec.get("enableInTreeAutoscaling") is True
-        addable = [node(g) for g in workers if grows and g.get("maxReplicas", 0) > g.get("replicas", 0)]
-        verdict = assess(Demand.of(load_job(job_path).scaling), nodes, addable)
-        assert verdict.state != "never", f"{path.name}: {job_path.name}: {verdict.message}"
+def test_heads_take_no_training_worker():
+    """The head runs the GCS, the dashboard and the drivers: Ray must not place a training worker
+    (1 CPU by default, or a custom bundle) there.  The cluster launcher's local provider is the
+    exception: it takes no resources, and its head may be a GPU machine of yours."""
+    from gradyard.capacity import per_node, worker_bundle
+
+    heads = [(f"{where}: head", _kuberay_node(spec["headGroupSpec"])) for where, spec in _ray_cluster_specs()]
+    for path in CLUSTER_CONFIGS:
+        config = _cluster_config(path)
+        if config["provider"]["type"] != "local":
+            resources = config["available_node_types"][config["head_node_type"]]["resources"]
+            assert "CPU" in resources, f"{path.name}: the head's resources lack CPU: Ray gives it the instance's CPUs"
+            heads.append((f"{path.name}: {config['head_node_type']}", resources))
+    assert len(heads) >= 3
+    for where, head in heads:
+        for bundle in (worker_bundle({}, False), worker_bundle({}, True), worker_bundle({"CPU": 0.5}, False)):
+            assert per_node(head, bundle) == 0, f"{where} ({head}) takes a training worker of {bundle}"
+
+
+# ------------------------------------------------------------------ metrics on KubeRay
+
+PODMONITORS = [(p, d) for p, d in _kuberay_docs() if d["kind"] == "PodMonitor"]
+CRDS = Path(__file__).resolve().parent / "data" / "crds"
+
+
+def _crd_schema(crd_file: str, version: str) -> dict:
+    """A vendored CRD's openAPIV3Schema (tests/data/crds), checked as `kubectl apply` does: its
+    default field validation is strict, so a field the schema does not know is an error, not pruned."""
+    (crd,) = _yaml_docs(CRDS / crd_file)
+    (schema,) = [v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version]
+
+    def strict(node):
+        if isinstance(node, dict):
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node = {**node, "additionalProperties": False}
+            return {k: strict(v) if k != "enum" else v for k, v in node.items()}
+        if isinstance(node, list):
+            return [strict(v) for v in node]
+        return node
+
+    return strict(schema)
+
+
+def _kuberay_pod_labels(cluster: str, group_name: str, group: dict, node_type: str) -> dict:
+    """The labels KubeRay gives a group's pods (ray-operator's labelPod): the template's, and its own
+    node type, group and cluster, which a template cannot override."""
+    labels = {"ray.io/is-ray-node": "yes", "app.kubernetes.io/name": "kuberay",
+              **group["template"].get("metadata", {}).get("labels", {})}
+    return {**labels, "ray.io/cluster": cluster, "ray.io/node-type": node_type,
+            "ray.io/group": group_name if node_type == "worker" else "headgroup"}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    ok = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+    for e in selector.get("matchExpressions", []):
+        present, value = e["key"] in labels, labels.get(e["key"])
+        ok &= {"In": present and value in e.get("values", []), "NotIn": value not in e.get("values", []),
+               "Exists": present, "DoesNotExist": not present}[e["operator"]]
+    return ok
+
+
+def _kuberay_pods() -> list[tuple[str, dict, dict, str]]:
+    """(where, pod labels, ray container, node type) of each group of each RayCluster spec."""
+    out = []
+    for path, doc in _kuberay_docs():
+        if doc["kind"] == "RayCluster":
+            name, spec = doc["metadata"]["name"], doc["spec"]
+        elif doc["kind"] == "RayJob" and "rayClusterSpec" in doc["spec"]:
+            # KubeRay names a RayJob's cluster after the job (plus a suffix no selector here uses).
+            name, spec = doc["metadata"]["name"], doc["spec"]["rayClusterSpec"]
+        else:
+            continue
+        for group_name, group in _groups(spec):
+            node_type = "head" if group is spec["headGroupSpec"] else "worker"
+            labels = _kuberay_pod_labels(name, group_name, group, node_type)
+            out.append((f"{path.name}:{group_name}", labels, group, node_type))
+    return out
+
+
+def test_podmonitor_validates_against_the_prometheus_operator_crd():
+    schema = _crd_schema("monitoring.coreos.com_podmonitors.yaml", "v1")
+    assert PODMONITORS, "no PodMonitor under deploy/kuberay"
+    for path, doc in PODMONITORS:
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+        jsonschema.validate(doc, schema)
+    # The check is strict, as the API server's: a misspelt field fails.
+    (_, doc), *_ = PODMONITORS
+    typo = copy.deepcopy(doc)
+    typo["spec"]["podMetricEndpoints"] = typo["spec"].pop("podMetricsEndpoints")
+    with pytest.raises(jsonschema.ValidationError, match="podMetricEndpoints"):
+        jsonschema.validate(typo, schema)
+
+
+def test_declared_metrics_ports_are_the_ports_workers_bind():
+    """Each local rank of a GPU worker pod binds, under the pod's env, a port the pod declares by name,
+    and a PodMonitor selects the pod and names that port (gradyard.telemetry.exporter.metrics_port)."""
+    from gradyard.telemetry.exporter import metrics_port
+    from ray.scripts.scripts import start
+
+    ray_defaults = {p.name: p.default for p in start.params}
+    ray_worker_ports = range(ray_defaults["min_worker_port"], ray_defaults["max_worker_port"] + 1)
+    workers = 0
+    for where, labels, group, node_type in _kuberay_pods():
+        container = group["template"]["spec"]["containers"][0]
+        env = {k: e["value"] for k, e in _env(container).items() if "value" in e}
+        declared = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+        monitors = [d for _, d in PODMONITORS if _selects(d["spec"]["selector"], labels)]
+        if node_type == "head":
+            assert not monitors, f"{where}: the head runs no training worker; no PodMonitor should select it"
+            continue
+        workers += 1
+        gpus = int(group["rayStartParams"]["num-gpus"])
+        assert len(monitors) == 1, f"{where}: {len(monitors)} PodMonitors select this pod (labels {labels})"
+        (monitor,) = monitors
+        scraped = {e.get("port") for e in monitor["spec"]["podMetricsEndpoints"]}
+        names = []
+        for rank in range(gpus):
+            port, ports = metrics_port(rank, 0, env)
+            assert ports is not None, f"{where}: the workers do not know the pod's ports (GRADYARD_METRICS_PORTS)"
+            name = next((n for n, p in declared.items() if p == port), None)
+            assert name is not None, f"{where}: local rank {rank} binds {port}, which the pod does not declare"
+            assert name in scraped, f"{where}: the PodMonitor does not scrape {name} (local rank {rank})"
+            assert port not in ray_worker_ports, f"{where}: {port} is among Ray's worker ports"
+            names.append(name)
+        # IANA service names, as Kubernetes takes them: at most 15 characters, lowercase, a letter.
+        for name in names:
+            assert re.fullmatch(r"(?=.*[a-z])(?!.*--)[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?", name), name
+        stray = {n for n in declared if n and n.startswith("gy-metrics")} - set(names)
+        assert not stray, f"{where}: declares {stray}, which no local rank binds"
+        assert labels.get(monitor["spec"]["jobLabel"]) == "gradyard", (
+            f"{where}: job must be 'gradyard', as the shipped alerts (up{{job=\"gradyard\"}}) expect"
+        )
+    assert workers >= 2  # the RayCluster's and the RayJob's GPU groups
+
+
+def test_podmonitor_does_not_let_a_pod_set_job_or_instance():
+    """No discovery file: a worker exports its identity on its series.  honorLabels must stay false, so
+    that Kubernetes' job, instance, namespace and pod win over whatever a pod's series say."""
+    assert PODMONITORS, "no PodMonitor under deploy/kuberay"
+    for path, doc in PODMONITORS:
+        for endpoint in doc["spec"]["podMetricsEndpoints"]:
+            assert endpoint.get("honorLabels") is not True, f"{path.name}: {endpoint.get('port')}: honorLabels"
+            for rule in endpoint.get("relabelings", []) + endpoint.get("metricRelabelings", []):
+                assert rule.get("targetLabel") not in ("job", "instance", "namespace", "pod"), (
+                    f"{path.name}: {endpoint.get('port')}: relabels {rule.get('targetLabel')}"
+                )
 
 
 # ------------------------------------------------------------------ secrets
