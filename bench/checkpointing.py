@@ -85,7 +85,7 @@ def _measure(bench: Bench, kind: str, rounds: int, keep: int, spy: bool) -> dict
                 "s3": open_storage(f"s3://{BUCKET}/{bench.unique('ckpt')}", endpoint_url=bench.s3.endpoint)}
     stores = {k: CheckpointStore(s, run_id=lambda: "bench", keep=keep) for k, s in storages.items()}
     plain = s3fs.S3FileSystem(client_kwargs={"endpoint_url": bench.s3.endpoint})
-    steps, nbytes, profile = [], 0, []
+    steps, nbytes, profile = [], 0, None
     blocked = {k: [] for k in stores}
     write = {k: [] for k in stores}
     rates = {"writer": [], "put": []}
@@ -106,7 +106,7 @@ def _measure(bench: Bench, kind: str, rounds: int, keep: int, spy: bool) -> dict
                     if k == "s3":
                         cpu["s3_server"].append(bench.s3_cpu_seconds() - s0)
                 if watcher is not None:
-                    profile = watcher.functions
+                    profile = watcher.functions if watcher.functions is not None else "py-spy could not attach"
                 if result.ok is False:
                     raise RuntimeError(f"a checkpoint failed to write: {result.error}")
                 write[k].append(result.write_s)
@@ -162,7 +162,7 @@ def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = pri
                      ["upload MB/s: writer, plain s3fs put", "", f"{mb['writer'].get('median', 0):.0f}, "
                                                                   f"{mb['put'].get('median', 0):.0f}"],
                      ["upload: writer / s3fs put, per round", "", s["upload_ratio"]]]})
-        if s["s3_server_profile"]:
+        if isinstance(s["s3_server_profile"], list) and s["s3_server_profile"]:
             tables.append({"title": "Where the S3 server's CPU goes in one checkpoint (py-spy, innermost function)",
                            "columns": ["function", "share"],
                            "rows": [[f["function"], f"{100 * f['share']:.1f}%"] for f in s["s3_server_profile"]]})

@@ -94,10 +94,11 @@ def leaf_functions(text: str, top: int = 6) -> list[dict]:
 
 
 class Spy:
-    """``py-spy record`` of one process while the ``with`` block runs; ``.functions`` on exit."""
+    """``py-spy record`` of one process while the ``with`` block runs; ``.functions`` on exit
+    (None when py-spy wrote nothing: it could not attach)."""
 
     def __init__(self, pid: int, out: Path):
-        self.pid, self.out, self.functions = pid, out, []
+        self.pid, self.out, self.functions = pid, out, None
 
     def __enter__(self) -> "Spy":
         self.proc = record(self.pid, self.out)

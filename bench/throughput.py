@@ -143,7 +143,7 @@ def first_step_latency(got: dict, source: str) -> dict:
                         "rows": [["plain Ray Train", summary(secs["ray_train"]), ""],
                                  ["gradyard", summary(secs["gradyard"]),
                                   ratio(paired(secs["gradyard"], secs["ray_train"]))]]}],
-            "seconds": secs}
+            "seconds_to_first_step": secs}
 
 
 def own_rounds(bench: Bench, size: Size, mode: str, say, job: Optional[str] = None) -> dict:
