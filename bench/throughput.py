@@ -98,7 +98,7 @@ def workloads(size: Size) -> list[tuple[str, Workload, str, bool]]:
 
 
 def run(bench: Bench, size: Size, shared: dict, say: Callable[[str], None] = print) -> dict:
-    from gradyard.trainer import STEADY_AFTER_STEPS  # imports torch: not at the bench's start-up
+    from gradyard.steptime import STEADY_AFTER_STEPS  # imports torch: not at the bench's start-up
 
     tables, targets, commands, raws = [], [], {}, {}
     for name, wl, mode, stress in workloads(size):

@@ -44,7 +44,6 @@ from gradyard.analysis.calibrate import (
     measure_matmul_flops,
 )
 from gradyard.analysis.opclass import DATA_MOVEMENT, ELEMENTWISE, MATMUL, REDUCTION
-from gradyard.events import Event
 from testkit import free_port
 from torch import nn
 
@@ -164,49 +163,24 @@ def test_census_classes_views_and_in_place_bytes():
     assert again.flops == census.flops and again.bytes == census.bytes and again.times.keys() == census.times.keys()
 
 
-class _State:
-    def __init__(self):
-        self.step = 0
-        self.device = CPU
+def _fit(callbacks, tmp_path, name: str, steps: int = 8):
+    """The real Trainer on the circles job (a 16x16 MLP), with ``callbacks``; the trained model."""
+    from gradyard.job import load_job
+    from gradyard.storage import open_storage
+    from gradyard.trainer import DistInfo, Trainer
+
+    spec = load_job(JOBS / "circles.yaml", ["schedule.epochs=null", f"schedule.steps={steps}",
+                                            "checkpoint.every_steps=1000"])
+    trainer = Trainer(spec, open_storage(f"file://{tmp_path / name}"), DistInfo(), name, callbacks)
+    trainer.fit()
+    return trainer.state.model
 
 
-def _train(callbacks, steps: int = 8) -> nn.Module:
-    """A training loop that fires the events as gradyard's trainer does."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 24), nn.Dropout(0.2), nn.GELU(), nn.Linear(24, 3))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    data = [(torch.randn(16, 12), torch.randint(0, 3, (16,))) for _ in range(steps)]
-    state = _State()
-
-    def fire(e):
-        for cb in callbacks:
-            cb.on_event(e, state)
-
-    for x, y in data:
-        fire(Event.BEFORE_DATA)
-        fire(Event.AFTER_DATA)
-        fire(Event.BEFORE_FORWARD)
-        loss = nn.functional.cross_entropy(model(x), y)
-        fire(Event.AFTER_FORWARD)
-        fire(Event.BEFORE_BACKWARD)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        fire(Event.AFTER_BACKWARD)
-        fire(Event.BEFORE_OPTIMIZER)
-        opt.step()
-        fire(Event.AFTER_OPTIMIZER)
-        state.step += 1
-        fire(Event.BATCH_END)
-    for cb in callbacks:
-        cb.close()
-    return model
-
-
-def test_census_callback_leaves_training_bitwise_identical(cpu_profile):
+def test_census_callback_leaves_training_bitwise_identical(cpu_profile, tmp_path):
     records = []
     cb = CensusCallback(at_step=3, timing_steps=2, profile=cpu_profile, sink=records.append)
-    watched = _train([cb])
-    plain = _train([])
+    watched = _fit([cb], tmp_path, "a")
+    plain = _fit([], tmp_path, "b")
     for (k, a), (_, b) in zip(watched.state_dict().items(), plain.state_dict().items()):
         assert torch.equal(a, b), k
 
@@ -223,25 +197,15 @@ def test_census_callback_leaves_training_bitwise_identical(cpu_profile):
 
     resumed = CensusCallback(at_step=3, timing_steps=2)
     resumed.load_state_dict(cb.state_dict())
-    _train([resumed])
+    _fit([resumed], tmp_path, "c")
     assert resumed.record is None  # a resumed run does not take the same census again
 
 
 def test_census_callback_in_the_real_trainer(cpu_profile, tmp_path):
-    from gradyard.job import load_job
-    from gradyard.storage import open_storage
-    from gradyard.trainer import DistInfo, Trainer
-
-    def fit(callbacks, name):
-        spec = load_job(JOBS / "circles.yaml", ["schedule.epochs=null", "schedule.steps=8",
-                                                "checkpoint.every_steps=1000"])
-        trainer = Trainer(spec, open_storage(f"file://{tmp_path / name}"), DistInfo(), name, callbacks)
-        trainer.fit()
-        return trainer.state.model
-
     records = []
-    watched = fit([CensusCallback(at_step=4, timing_steps=2, profile=cpu_profile, sink=records.append)], "a")
-    plain = fit([], "b")
+    watched = _fit([CensusCallback(at_step=4, timing_steps=2, profile=cpu_profile, sink=records.append)],
+                   tmp_path, "a")
+    plain = _fit([], tmp_path, "b")
     for (k, a), (_, b) in zip(watched.state_dict().items(), plain.state_dict().items()):
         assert torch.equal(a, b), k
     (record,) = records
@@ -252,8 +216,8 @@ def test_census_callback_in_the_real_trainer(cpu_profile, tmp_path):
     # What a job runs (telemetry.profile_ops off): counts only, no profiler, and
     # the verdict still finds the dispatch-bound step from op count x per-op cost.
     counted = []
-    fit([CensusCallback(at_step=4, timing_steps=2, profile=cpu_profile, sink=counted.append,
-                        profile_ops=False)], "c")
+    _fit([CensusCallback(at_step=4, timing_steps=2, profile=cpu_profile, sink=counted.append,
+                         profile_ops=False)], tmp_path, "c")
     (record,) = counted
     assert record.census.times == {} and record.census.profiled_wall_s is None
     assert record.census.model_flops > 0 and record.census.n_ops > 10

@@ -26,7 +26,7 @@ ALL = ["throughput", "checkpoint", "recovery", "faults", "telemetry", "submit", 
 def test_plain_scripts_train_the_same_model_as_gradyard(job):
     from bench.contenders import Workload
     from bench.scripts.plain_models import WARMUP_STEPS
-    from gradyard.trainer import STEADY_AFTER_STEPS
+    from gradyard.steptime import STEADY_AFTER_STEPS
 
     assert Workload(job, steps=20, checkpoint_every=10).check_same_model() > 0
     assert WARMUP_STEPS == STEADY_AFTER_STEPS  # every contender times the same steps

@@ -69,3 +69,32 @@ def test_a_real_traceback_after_rays_noise_is_kept():
                          "in the object store and max_restarts > 0.", *real]) == real
     assert f.lines("d", ["Failed to stop PlacementGroupCleaner gracefully.", "Traceback (most recent call last):",
                          "  File \"x.py\", line 1", "ray.exceptions.GetTimeoutError: timed out", *real]) == real
+
+
+PERF_COUNTER_USERS = {
+    "steptime.py": "the one step clock: every step, phase and epoch time",
+    "analysis/calibrate.py": "microbenchmarks of the device (matmul, bandwidth, dispatch), not training steps",
+    "checkpoint/manager.py": "how long a save blocked training",
+    "checkpoint/writer.py": "how long the background upload of a checkpoint took",
+    "checkpoint/store.py": "how long writing a checkpoint's files took",
+}
+"""The product's perf_counter users, and what each times (issue #19: four step clocks became one)."""
+
+
+def test_one_step_clock():
+    """Step timing is gradyard.steptime's alone: no other module takes perf_counter marks, except
+    those that time something other than a training step (each named above with what it times)."""
+    package = ROOT / "platform" / "gradyard"
+    users = {p.relative_to(package).as_posix() for p in package.rglob("*.py") if "perf_counter" in p.read_text()}
+    assert users == set(PERF_COUNTER_USERS)
+
+
+def test_one_flop_counter():
+    """FLOPs are counted by the census's counting mode alone (telemetry's MFU uses it too): no module
+    runs torch's FlopCounterMode, and only the census applies flop_counter's formulas."""
+    import re
+
+    package = ROOT / "platform" / "gradyard"
+    counting = re.compile(r"FlopCounterMode\(|flop_registry\s*(\.get\(|\[)")
+    users = {p.relative_to(package).as_posix() for p in package.rglob("*.py") if counting.search(p.read_text())}
+    assert users == {"analysis/census.py"}

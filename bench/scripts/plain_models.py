@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import Dataset
 
-WARMUP_STEPS = 7  # the same as gradyard.trainer.STEADY_AFTER_STEPS (a test checks)
+WARMUP_STEPS = 7  # the same as gradyard.steptime.STEADY_AFTER_STEPS (a test checks)
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:

@@ -10,7 +10,7 @@ Where each event fires (see :mod:`gradyard.trainer`)::
             AFTER_DATA                       # batch on the device
             BEFORE_FORWARD;  loss = model(batch)      AFTER_FORWARD
             BEFORE_BACKWARD; loss.backward()          AFTER_BACKWARD   # DDP allreduce overlaps here
-            BEFORE_OPTIMIZER; optimizer.step()        AFTER_OPTIMIZER
+            BEFORE_OPTIMIZER; optimizer.step(); scheduler.step(); zero_grad()   AFTER_OPTIMIZER
             BATCH_END                        # state.step advanced
             [CHECKPOINT]                     # a checkpoint of this step was taken (state in host memory)
             [CHECKPOINT_SAVED]               # an earlier checkpoint became durable (or failed for good)
@@ -19,6 +19,9 @@ Where each event fires (see :mod:`gradyard.trainer`)::
         [CHECKPOINT] [CHECKPOINT_SAVED]      # the epoch's checkpoint, after its evaluation
     [CHECKPOINT] [CHECKPOINT_SAVED]          # the final checkpoint, waited for until durable
     FIT_END
+
+The step timer (:mod:`gradyard.steptime`) hears each step event before any
+callback; its phase map says which events bracket which phase.
 
 The checkpoint events come from the trainer's checkpoint points, where the
 checkpoint manager (:mod:`gradyard.checkpoint`) decides whether to save; at

@@ -17,7 +17,6 @@ import logging
 import math
 import random
 import socket
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -32,6 +31,7 @@ from gradyard.events import Callback, Event
 from gradyard.job import JobSpec
 from gradyard.optim import build_loss, build_optimizer, build_scheduler, penalty, resolve_loss
 from gradyard.sampler import ShardSampler
+from gradyard.steptime import StepTimer
 from gradyard.storage import Storage, redact, redact_tree
 from gradyard.watchdog import Progress
 
@@ -91,41 +91,8 @@ class TrainState:
     """Failures of best-effort callbacks (telemetry, analysis), by callback name."""
     skipped_steps: int = 0
     """Steps whose update was skipped for a non-finite loss (failure.on_nonfinite: skip)."""
-
-
-STEADY_AFTER_STEPS = 7
-"""Steps of each attempt left out of the steady-state rate: the first step
-(warm-up and the one-off FLOP count) and the analysis census (steps 3-7:
-three timed steps, one counted, one profiled) are not steady state."""
-
-
-class StepClock:
-    """Wall-clock marks of this attempt's steps, for the summary (always on, two clock reads a step).
-
-    A step ends after BATCH_END, so a checkpoint's blocked time counts as training time.
-    """
-
-    def __init__(self, skip: int = STEADY_AFTER_STEPS):
-        self.skip = skip
-        self.steps = 0
-        self.first_step_at: Optional[float] = None
-        """time.time() when this attempt's first step ended (start-up and resume latency)."""
-        self._from = self._last = None  # (perf_counter, step)
-
-    def tick(self, step: int) -> None:
-        now = time.perf_counter()
-        self.steps += 1
-        if self.steps == 1:
-            self.first_step_at = time.time()
-        if self.steps == self.skip:
-            self._from = (now, step)
-        self._last = (now, step)
-
-    def steady_steps_per_second(self) -> Optional[float]:
-        """Steps per second after the first ``skip`` steps of this attempt; None if too few steps."""
-        if self._from is None or self._last[1] <= self._from[1]:
-            return None
-        return (self._last[1] - self._from[1]) / (self._last[0] - self._from[0])
+    timer: Optional[StepTimer] = None
+    """The one step clock (:mod:`gradyard.steptime`): observers subscribe to its step times."""
 
 
 def seed_everything(seed: int) -> None:
@@ -216,8 +183,9 @@ class Trainer:
             local_rank=dist_info.local_rank, node=dist_info.node, device=device, model=model,
             ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
             storage=storage, run_id=run_id, trainer=self, info=self.info)
+        self.timer = self.state.timer = StepTimer(device)
+        """Fires first at every event it marks; the summary reads its steady rate and first step."""
         self.history: list[dict] = []
-        self.clock = StepClock()
         self._epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
         self.guard = NonFiniteGuard(spec.failure.on_nonfinite, device, dist_info.world_size)
         self.checkpointer = checkpointer
@@ -260,7 +228,7 @@ class Trainer:
     # ------------------------------------------------------------ events
     def fire(self, event: Event) -> None:
         listeners = self._listeners
-        for cb in (listeners[event] if listeners is not None else self.callbacks):
+        for cb in (listeners[event] if listeners is not None else self._observers()):
             try:
                 cb.on_event(event, self.state)
             except Exception as exc:  # noqa: BLE001 - observers are best effort; critical ones stop training
@@ -277,9 +245,13 @@ class Trainer:
             log.warning("%s failed at %s (%d time%s; training goes on): %s: %s", cb.name, where, n,
                         "s" if n > 1 else "", type(exc).__name__, redact(str(exc))[:300])
 
+    def _observers(self) -> list[Callback]:
+        """The step timer, then the callbacks: a callback's work at BEFORE_DATA is data time."""
+        return [self.timer, *self.callbacks]
+
     def _dispatch_table(self) -> dict:
         """Per event, the callbacks that act on it (``Callback.events``), in firing order."""
-        return {e: [cb for cb in self.callbacks if cb.events is None or e in cb.events] for e in Event}
+        return {e: [cb for cb in self._observers() if cb.events is None or e in cb.events] for e in Event}
 
     # ------------------------------------------------------------ loop
     def _autocast(self):
@@ -327,7 +299,6 @@ class Trainer:
         s.loss = loss
         self.fire(Event.AFTER_FORWARD)
         self.fire(Event.BEFORE_BACKWARD)
-        s.optimizer.zero_grad(set_to_none=True)
         if s.scaler is not None:
             s.scaler.scale(loss).backward()
         else:
@@ -345,6 +316,8 @@ class Trainer:
         else:
             s.optimizer.step()
             s.scheduler.step()
+        # In the optimizer phase (gradyard.steptime), and the gradients' memory is free during the next forward.
+        s.optimizer.zero_grad(set_to_none=True)
         self.guard.observe(loss, s.step + 1)
         self.fire(Event.AFTER_OPTIMIZER)
         # Sums stay on the device: reading them (a host-device sync point)
@@ -424,7 +397,7 @@ class Trainer:
     def close(self) -> None:
         """Close every callback and the checkpointer; the first critical failure is raised after all ran."""
         first: Optional[BaseException] = None
-        for cb in self.callbacks:
+        for cb in self._observers():
             try:
                 cb.close()
             except Exception as exc:  # noqa: BLE001 - one callback's close must not skip the others'
@@ -452,7 +425,6 @@ class Trainer:
         if s.consumed_in_epoch == 0:
             self._epoch_sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
         self.fire(Event.EPOCH_START)
-        t0 = time.perf_counter()
         with s.progress.phase("epoch"):  # loader workers start here
             loader = self._loader(s.epoch, s.consumed_in_epoch)
             it = iter(loader)
@@ -471,7 +443,6 @@ class Trainer:
             targets = targets.to(s.device, non_blocking=True)
             self.train_step(inputs, targets)
             self.fire(Event.BATCH_END)
-            self.clock.tick(s.step)
             batches -= 1
             # The last batch of an epoch, or of the run, is checkpointed at the epoch's (or the final)
             # checkpoint point instead, after its evaluation: same step, with its test metrics.
@@ -479,7 +450,7 @@ class Trainer:
                 self._checkpoint("step")
         epoch_finished = exhausted
         # Train metrics of the (possibly partial) epoch, then test metrics.
-        s.metrics.update(self._epoch_metrics(time.perf_counter() - t0))
+        s.metrics.update(self._epoch_metrics(self.timer.epoch_seconds()))
         s.metrics["epoch"] = s.epoch + (1 if epoch_finished else 0)
         s.metrics["step"] = s.step
         if epoch_finished:

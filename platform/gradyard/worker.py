@@ -93,15 +93,15 @@ def build_callbacks(spec: JobSpec, storage: Storage, info: DistInfo, launcher: s
     cbs: list[Callback] = [ProgressCallback()]
     if spec.telemetry.enabled:
         from gradyard.analysis.live import live_analysis
-        from gradyard.telemetry import StepTimer, build_telemetry_callbacks, find_metrics
+        from gradyard.telemetry import TelemetryMetrics, build_telemetry_callbacks
 
         host = metrics_host or (info.node_ip if launcher == "ray" else None)
-        telemetry = build_telemetry_callbacks(spec, host=host,
-                                              peak_profile=_device_profile(spec, info))
-        cbs.extend(telemetry)
-        timer = next((cb for cb in telemetry if isinstance(cb, StepTimer)), None)
-        cbs.append(live_analysis(storage, info.rank, metrics=find_metrics(telemetry), timer=timer,
-                                 batch_size=spec.data.batch_size, profile_ops=spec.telemetry.profile_ops))
+        metrics = TelemetryMetrics()
+        cbs.extend(build_telemetry_callbacks(spec, metrics=metrics, host=host,
+                                             peak_profile=_device_profile(spec, info)))
+        # Both read the trainer's step timer; the verdict goes to the metrics' regime series.
+        cbs.append(live_analysis(storage, info.rank, regime=metrics, batch_size=spec.data.batch_size,
+                                 profile_ops=spec.telemetry.profile_ops))
     cbs.extend(extra or [])
     if launcher == "ray":
         cbs.append(RayReportCallback())
@@ -202,9 +202,9 @@ def run_worker(config: dict) -> dict:
         "wall_seconds": round(time.time() - record.started_at, 3),
         "attempt_wall_seconds": round(time.time() - t_start, 3),
         # This attempt's: time.time() of its first step's end, and its rate after
-        # trainer.STEADY_AFTER_STEPS steps (checkpoint stalls included).
-        "first_step_at": trainer.clock.first_step_at,
-        "steady_steps_per_second": trainer.clock.steady_steps_per_second(),
+        # steptime.STEADY_AFTER_STEPS steps (checkpoint stalls included).
+        "first_step_at": trainer.timer.first_step_at,
+        "steady_steps_per_second": trainer.timer.steady_steps_per_second(),
         "model_sha256": tensor_digest(s.model.state_dict()),
         "optimizer_sha256": tensor_digest(s.optimizer.state_dict()),
         "checkpoints": manager.stats.to_json(),

@@ -1,15 +1,15 @@
 """Attach the census to the training loop: :class:`CensusCallback`.
 
 Timing, counting and profiling each take their own real step, so none of them
-changes what the step computes; see :mod:`gradyard.analysis.census`.
+changes what the step computes; see :mod:`gradyard.analysis.census`.  The
+timing is the trainer's step timer's (:mod:`gradyard.steptime`): the census
+reads the records of its timing steps and takes no time marks of its own.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
-import time
-from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from gradyard.analysis.census import Census, CensusMode, _finish_profiler, _new_census, _start_profiler, _sync
 from gradyard.events import Callback, Event
+from gradyard.steptime import CENSUS_AT_STEP, CENSUS_TIMING_STEPS, StepTimer, StepTimes
 
 if TYPE_CHECKING:
     from gradyard.analysis.calibrate import DeviceProfile
@@ -24,27 +25,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_PHASES = {  # phase name: (event that starts it, event that ends it)
-    "data_s": (Event.BEFORE_DATA, Event.AFTER_DATA),
-    "forward_s": (Event.BEFORE_FORWARD, Event.AFTER_FORWARD),
-    "backward_s": (Event.BEFORE_BACKWARD, Event.AFTER_BACKWARD),
-    "optimizer_s": (Event.BEFORE_OPTIMIZER, Event.AFTER_OPTIMIZER),
-    "step_s": (Event.BEFORE_DATA, Event.BATCH_END),
-}
-
-
-_STEP_EVENTS = {e for pair in _PHASES.values() for e in pair} | {Event.AFTER_OPTIMIZER}
-
 
 class CensusCallback(Callback):
     """Takes a census of real training steps without changing them.
 
-    With the defaults, steps 0-1 warm up untouched, steps 2-4 are timed per
-    phase (with a device sync at each event on those steps only), step 5 is
-    counted under :class:`CensusMode` (BEFORE_FORWARD to AFTER_OPTIMIZER) and
-    step 6 is profiled over the same span (``profile_ops=False`` skips the
-    profiler: PyTorch's profiler leaves the thread that ran it slower for good,
-    about 4% on fashion-cnn, which a census inside a training job must not cost).  ``every=N`` repeats the cycle every N steps.
+    With the defaults (:data:`gradyard.steptime.CENSUS_AT_STEP`), steps 0-1
+    warm up untouched, the step timer's records of steps 2-4 give the phase
+    medians, step 5 is counted under :class:`CensusMode` (BEFORE_FORWARD to
+    AFTER_OPTIMIZER) and step 6 is profiled (from AFTER_DATA to BATCH_END,
+    outside the timed phases' marks; ``profile_ops=False`` skips the profiler:
+    PyTorch's profiler leaves the thread that ran it slower for good, about 4%
+    on fashion-cnn, which a census inside a training job must not cost).  The
+    counted and profiled steps are disturbed steps for the timer (left out of
+    step-time averages).  ``every=N`` repeats the cycle every N steps.
     Each finished cycle gives a :class:`~gradyard.analysis.record.StepRecord`
     in ``self.record`` and is passed to ``sink`` (the trainer writes it to
     ``analysis/step.json``).  Steps are ``state.step`` at BEFORE_FORWARD, i.e.
@@ -58,9 +51,12 @@ class CensusCallback(Callback):
 
     name = "census"
     critical = False
+    events = frozenset((Event.FIT_START, Event.AFTER_DATA, Event.BEFORE_FORWARD, Event.AFTER_OPTIMIZER,
+                        Event.BATCH_END))
 
-    def __init__(self, at_step: int = 5, every: Optional[int] = None, timing_steps: int = 3,
-                 profile: Optional["DeviceProfile"] = None, sink: Optional[Callable[["StepRecord"], None]] = None,
+    def __init__(self, at_step: int = CENSUS_AT_STEP, every: Optional[int] = None,
+                 timing_steps: int = CENSUS_TIMING_STEPS, profile: Optional["DeviceProfile"] = None,
+                 sink: Optional[Callable[["StepRecord"], None]] = None,
                  device: Optional[str | torch.device] = None, batch_size: Optional[int] = None,
                  profile_ops: bool = True) -> None:
         if at_step < 0 or timing_steps < 1 or (every is not None and every < timing_steps + 2):
@@ -72,12 +68,12 @@ class CensusCallback(Callback):
         self.device_type = torch.device(device).type if device is not None else None
         self.record: Optional["StepRecord"] = None
         self._done: list[int] = []
+        self._timer: Optional[StepTimer] = None
         self._mode: Optional[CensusMode] = None
         self._prof: Optional[Any] = None
-        self._prof_t0 = 0.0
         self._census: Optional[Census] = None
-        self._marks: dict[Event, float] = {}
-        self._phase_samples: dict[str, list[float]] = defaultdict(list)
+        self._timed: list[StepTimes] = []
+        self._profiled: Optional[StepTimes] = None
 
     def _census_step(self, step: int) -> Optional[int]:
         """The census step of the cycle ``step`` belongs to (timing steps, count step, profile step), if any."""
@@ -87,46 +83,46 @@ class CensusCallback(Callback):
             target = self.at_step + self.every * max(0, -(-(step - self.at_step - 1) // self.every))
         return target if target - self.timing_steps <= step <= target + 1 else None
 
-    events = frozenset(_STEP_EVENTS)
-
     def on_event(self, event: Event, state: Any) -> None:
-        if event not in _STEP_EVENTS or (self.every is None and self.at_step in self._done):
+        if event is Event.FIT_START:
+            self._timer = state.timer
+            self._timer.subscribe(self._step_times)
+            if self.device_type is None:
+                self.device_type = torch.device(state.device).type
             return
-        step = int(getattr(state, "step", 0))
-        if event == Event.BATCH_END:
+        if self.every is None and self.at_step in self._done:
+            return
+        step = int(state.step)
+        if event is Event.BATCH_END:
             step -= 1  # state.step has already advanced past the step that just ended
         target = self._census_step(step)
         if target is None or target in self._done:
             return
-        if self.device_type is None:
-            dev = getattr(state, "device", None)
-            self.device_type = torch.device(dev).type if dev is not None else (
-                "cuda" if torch.cuda.is_available() else "cpu")
-        if target - self.timing_steps <= step < target:
-            self._time(event)
-        elif step == target:
+        if step == target:
             self._count(event)
         elif step == target + 1:
             self._profile(event, target, state)
 
-    def _time(self, event: Event) -> None:
-        _sync(self.device_type)
-        self._marks[event] = time.perf_counter()
-        if event == Event.BATCH_END:
-            for phase, (a, b) in _PHASES.items():
-                if a in self._marks and b in self._marks:
-                    self._phase_samples[phase].append(self._marks[b] - self._marks[a])
-            self._marks.clear()
+    def _step_times(self, rec: StepTimes) -> None:
+        """The step timer's record of each step: keep the timing steps' and the profiled step's."""
+        target = self._census_step(rec.step)
+        if target is None or target in self._done:
+            return
+        if rec.step < target and not rec.disturbed:
+            self._timed.append(rec)
+        elif rec.step == target + 1:
+            self._profiled = rec
 
     def _count(self, event: Event) -> None:
-        if event == Event.BEFORE_FORWARD:
+        if event is Event.BEFORE_FORWARD:
             if _get_current_dispatch_mode_stack():
                 log.warning("census: another dispatch mode is active; skipping this census")
                 return
+            self._timer.disturb()
             self._census = _new_census(self.device_type)
             self._mode = CensusMode()
             self._mode.__enter__()
-        elif event == Event.AFTER_OPTIMIZER and self._mode is not None:
+        elif event is Event.AFTER_OPTIMIZER and self._mode is not None:
             self._exit_mode()
 
     def _exit_mode(self) -> None:
@@ -146,35 +142,43 @@ class CensusCallback(Callback):
     def _profile(self, event: Event, target: int, state: Any) -> None:
         if self._census is None:
             return
-        if not self.profile_ops:  # counts only: no op times, the verdict estimates without them
-            if event == Event.BATCH_END:
-                self._finish(target, state)
-            return
-        if event == Event.BEFORE_FORWARD:
-            self._prof = _start_profiler(self.device_type)  # before the clock: start-up is not step time
+        if event is Event.AFTER_DATA and self.profile_ops:
+            # After the data phase's end mark, before the forward's start mark: the profiler's
+            # start-up is in no phase.  The step is disturbed (op times under the profiler).
+            self._timer.disturb()
             _sync(self.device_type)
-            self._prof_t0 = time.perf_counter()
-        elif event == Event.AFTER_OPTIMIZER:
-            _sync(self.device_type)
-            wall = time.perf_counter() - self._prof_t0
+            self._prof = _start_profiler(self.device_type)
+        elif event is Event.BATCH_END:
+            self._timer.flush(through=target + 1)  # the timing steps' and this step's records
             if self._prof is not None:
-                _finish_profiler(self._prof, self._census, wall)
+                _sync(self.device_type)
+                rec = self._profiled
+                wall = (rec.forward_s + rec.backward_s + rec.comm_exposed_s + rec.optimizer_s) if rec else 0.0
+                _finish_profiler(self._prof, self._census, wall)  # after the step's end mark: not step time
                 self._prof = None
-        elif event == Event.BATCH_END:
-            self._finish(target, state)
+            self._finish(target)
 
-    def _finish(self, target: int, state: Any) -> None:
-
+    def _finish(self, target: int) -> None:
         from gradyard.analysis.record import Phases, StepRecord
 
-        med = {k: statistics.median(v) for k, v in self._phase_samples.items() if v}
+        timed, self._timed, self._profiled = self._timed, [], None
         census, self._census = self._census, None
-        comm = census.comm_exposed_s or 0.0
-        phases = Phases(data_s=med.get("data_s", 0.0), forward_s=med.get("forward_s", 0.0),
-                        backward_s=max(0.0, med.get("backward_s", 0.0) - comm), optimizer_s=med.get("optimizer_s", 0.0),
-                        comm_exposed_s=comm, step_s=med.get("step_s", 0.0),
-                        steps_timed=len(self._phase_samples.get("step_s", [])),
-                        comm_source="profiler" if census.comm_exposed_s is not None else "not measured")
+
+        def med(value: Callable[[StepTimes], float]) -> float:
+            return statistics.median(value(r) for r in timed) if timed else 0.0
+
+        # Exposed allreduce: the profiler's NCCL kernels (CUDA, profile_ops), else the step timer's
+        # gradient-sync marks (telemetry's comm hook); either way carved out of the backward.
+        if census.comm_exposed_s is not None:
+            comm, source = census.comm_exposed_s, "profiler"
+        elif any(r.comm_measured for r in timed):
+            comm, source = med(lambda r: r.comm_exposed_s), "telemetry comm hook"
+        else:
+            comm, source = 0.0, "not measured"
+        phases = Phases(data_s=med(lambda r: r.data_s), forward_s=med(lambda r: r.forward_s),
+                        backward_s=max(0.0, med(lambda r: r.backward_s + r.comm_exposed_s) - comm),
+                        optimizer_s=med(lambda r: r.optimizer_s), comm_exposed_s=comm,
+                        step_s=med(lambda r: r.step_s), steps_timed=len(timed), comm_source=source)
         world = 1
         try:
             import torch.distributed as dist
@@ -183,7 +187,6 @@ class CensusCallback(Callback):
             pass
         self.record = StepRecord(census=census, phases=phases, profile=self.profile, step=target,
                                  world_size=world, batch_size=self.batch_size)
-        self._phase_samples.clear()
         self._done.append(target)
         if self.sink is not None:
             self.sink(self.record)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -36,6 +35,7 @@ from torch.utils._pytree import tree_flatten
 
 from gradyard.analysis.opclass import CLASSES, COMMUNICATION, ELEMENTWISE, REDUCTION, op_class, qualified_name
 from gradyard.intervals import union_seconds
+from gradyard.steptime import time_call
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +348,7 @@ def _finish_profiler(prof: Any, census: Census, wall_s: float) -> None:
 
 def _sync(device_type: str) -> None:
     if device_type == "cuda":
-        torch.cuda.synchronize()  # sync point: only on census/timing steps, so the wall clock covers device work
+        torch.cuda.synchronize()  # sync point: only around the profiled step, so its trace holds that step alone
 
 
 def _new_census(device_type: str) -> Census:
@@ -373,11 +373,7 @@ def census_of(step_fn: Callable[[], Any], device: Optional[str | torch.device] =
     if profile_time:
         prof = _start_profiler(device_type)  # before the clock: profiler start-up is not step time
         try:
-            _sync(device_type)
-            t0 = time.perf_counter()
-            step_fn()
-            _sync(device_type)
-            wall = time.perf_counter() - t0
+            wall = time_call(step_fn, device_type)
         except BaseException:
             if prof is not None:
                 prof.__exit__(None, None, None)

@@ -1,52 +1,58 @@
 """The analysis inside a running job: census of a real step, verdict, live regime metric.
 
 Rank 0 writes ``<run>/analysis/step.json`` (what ``gradyard analyze`` reads)
-and ``<run>/analysis/verdict.json``, prints the verdict, and sets
-the ``gradyard_regime`` state and its ``gradyard_regime_evidence_<unit>`` when
-telemetry is on.
+and ``<run>/analysis/verdict.json``, prints the verdict, and hands it to a
+:class:`RegimeSink` when there is one: telemetry's metrics, which export the
+``gradyard_regime`` state and its ``gradyard_regime_evidence_<unit>``.
+
+The seam with telemetry is typed both ways: step times come from the trainer's
+step timer as :class:`gradyard.steptime.StepTimes` records (the census reads
+them), and the verdict leaves through :class:`RegimeSink`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Mapping, Optional, Protocol
 
 # Kineto (the profiler's backend) logs CUDA probing errors even on CPU-only
 # hosts; read when the profiler first starts, so this must come before.
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 from gradyard.analysis.callback import CensusCallback
+from gradyard.analysis.record import StepRecord
+from gradyard.steptime import CENSUS_AT_STEP
 from gradyard.storage import Storage
 
 log = logging.getLogger("gradyard.analysis")
 
 
-def live_analysis(storage: Storage, rank: int, *, at_step: int = 5, metrics: Any = None,
-                  timer: Any = None, batch_size: Optional[int] = None,
+class RegimeSink(Protocol):
+    """Where a live verdict goes (:class:`gradyard.telemetry.metrics.TelemetryMetrics` is one)."""
+
+    def set_regime(self, regime: str, evidence: Optional[Mapping[str, Mapping[str, float]]] = None) -> None:
+        """``regime`` is one of :data:`~gradyard.analysis.verdict.REGIMES`; ``evidence`` is
+        :meth:`Verdict.evidence_by_unit() <gradyard.analysis.verdict.Verdict.evidence_by_unit>`."""
+
+
+def live_analysis(storage: Storage, rank: int, *, at_step: int = CENSUS_AT_STEP,
+                  regime: Optional[RegimeSink] = None, batch_size: Optional[int] = None,
                   profile_ops: bool = False) -> CensusCallback:
-    def sink(record) -> None:
+    def sink(record: StepRecord) -> None:
         if rank != 0:
             return
         from gradyard.analysis.calibrate import load_or_calibrate
         from gradyard.analysis.verdict import analyze_run
 
-        # On CPU/gloo the profiler cannot see exposed allreduce time; the
-        # telemetry's completion-timed comm hook can.
-        last = getattr(timer, "last_phases", None) or {}
-        if record.phases.comm_source == "not measured" and "comm_exposed" in last:
-            exposed = float(last["comm_exposed"])
-            record.phases.comm_exposed_s = exposed
-            record.phases.backward_s = max(0.0, record.phases.backward_s - exposed)
-            record.phases.comm_source = "telemetry comm hook"
         if record.profile is None:
             # Cached per device after the first time: a quick calibration (~0.5 s on CPU).
             record.profile = load_or_calibrate(quick=True)
         verdict = analyze_run(record.to_dict(), record.profile)
         for name, payload in (("step.json", record.to_dict()), ("verdict.json", verdict.to_dict())):
             storage.write_json(storage.join("analysis", name), payload)
-        if metrics is not None:
-            metrics.set_regime(verdict.regime, verdict.evidence_by_unit())
+        if regime is not None:
+            regime.set_regime(verdict.regime, verdict.evidence_by_unit())
         shown = [f"{k} {v:.3g}" for k, v in verdict.numbers.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)][:5]
         print(f"[analysis] step {record.step}: {verdict.regime}-bound ({', '.join(shown)})", flush=True)

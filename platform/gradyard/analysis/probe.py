@@ -1,16 +1,17 @@
-"""Time a workload phase by phase and take its census, outside the trainer.
+"""Time a workload phase by phase and take its census, outside the trainer: the batch-scaling probe.
 
-Used by the tests and by `gradyard analyze --probe`: a :class:`Workload` is
-the training step split into the phases the report shows.  ``probe`` runs it
-a few times and returns the same :class:`~gradyard.analysis.record.StepRecord`
-the trainer writes, so both go through one analysis.
+A :class:`Workload` is a training step split into the trainer's phases; its
+steps are marked on the trainer's step clock with the same phase map
+(:mod:`gradyard.steptime`).  ``probe`` runs it a few times and returns the same
+:class:`~gradyard.analysis.record.StepRecord` the trainer writes, so both go
+through one analysis; :func:`batch_scaling` times it at two batch sizes.
+Used by the reference workloads' tests (``testkit/workloads.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional
 
@@ -19,6 +20,8 @@ import torch
 from gradyard.analysis.calibrate import DeviceProfile
 from gradyard.analysis.census import census_of
 from gradyard.analysis.record import Phases, StepRecord
+from gradyard.events import Event
+from gradyard.steptime import StepTimer, StepTimes
 
 
 @dataclass
@@ -38,56 +41,56 @@ class Workload:
     batch_size: Optional[int] = None
 
 
-def _sync(device_type: str) -> None:
-    if device_type == "cuda":
-        torch.cuda.synchronize()  # sync point: phases are timed on the wall clock, so wait for the device
-
-
-def _timed_step(w: Workload, dt: str, skip_sync: bool = False) -> dict[str, float]:
-    t: dict[str, float] = {}
-    _sync(dt)
-    t0 = time.perf_counter()
+def _step(w: Workload, timer: StepTimer, skip_sync: bool = False) -> None:
+    """One step, marked at the trainer's events on the one step clock."""
+    timer.mark(Event.BEFORE_DATA)
     batch = w.data()
-    _sync(dt)
-    t1 = time.perf_counter()
+    timer.mark(Event.AFTER_DATA)
     # DDP decides in the forward whether the backward will allreduce, so no_sync wraps both.
     with w.no_sync() if (skip_sync and w.no_sync is not None) else contextlib.nullcontext():
+        timer.mark(Event.BEFORE_FORWARD)
         loss = w.forward(batch)
-        _sync(dt)
-        t2 = time.perf_counter()
+        timer.mark(Event.AFTER_FORWARD)
+        timer.mark(Event.BEFORE_BACKWARD)
         if w.backward is not None:
             w.backward(loss)
-    _sync(dt)
-    t3 = time.perf_counter()
+    timer.mark(Event.AFTER_BACKWARD)
+    timer.mark(Event.BEFORE_OPTIMIZER)
     if w.optimizer is not None:
         w.optimizer()
-    _sync(dt)
-    t4 = time.perf_counter()
-    t.update(data_s=t1 - t0, forward_s=t2 - t1, backward_s=t3 - t2, optimizer_s=t4 - t3, step_s=t4 - t0)
-    return t
+    timer.mark(Event.BATCH_END)
 
 
 def time_phases(w: Workload, steps: int = 3, warmup: int = 1) -> Phases:
-    """Median phase times over ``steps`` steps after ``warmup``."""
-    dt = torch.device(w.device).type
+    """Median phase times over ``steps`` steps after ``warmup``, on the trainer's step clock and phase map."""
+    timer = StepTimer(w.device)
+    records: list[StepTimes] = []
+    timer.subscribe(records.append)
     for _ in range(warmup):
-        _timed_step(w, dt)
+        _step(w, timer)
     measure_comm = w.no_sync is not None and w.backward is not None
-    samples, local = [], []
+    synced: list[int] = []
     for _ in range(steps):
-        samples.append(_timed_step(w, dt))
+        synced.append(warmup + len(synced) * (2 if measure_comm else 1))
+        _step(w, timer)
         if measure_comm:
             # Alternate with a step whose backward skips the allreduce, so both kinds see the
             # same conditions (every rank runs the same sequence, so the collectives still pair up).
-            local.append(_timed_step(w, dt, skip_sync=True)["backward_s"])
-    med = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+            _step(w, timer, skip_sync=True)
+    timer.flush()
+    samples = [records[i] for i in synced]
+    local = [r for i, r in enumerate(records[warmup:], warmup) if i not in synced]
+
+    def med(rs: list[StepTimes], field: str) -> float:
+        return statistics.median(getattr(r, field) for r in rs)
+
     comm, source = 0.0, "not measured"
     if measure_comm:
-        comm = max(0.0, med["backward_s"] - statistics.median(local))
+        comm = max(0.0, med(samples, "backward_s") - med(local, "backward_s"))
         source = "no_sync"
-    return Phases(data_s=med["data_s"], forward_s=med["forward_s"], backward_s=med["backward_s"] - comm,
-                  optimizer_s=med["optimizer_s"], comm_exposed_s=comm, step_s=med["step_s"],
-                  steps_timed=steps, comm_source=source)
+    return Phases(data_s=med(samples, "data_s"), forward_s=med(samples, "forward_s"),
+                  backward_s=med(samples, "backward_s") - comm, optimizer_s=med(samples, "optimizer_s"),
+                  comm_exposed_s=comm, step_s=med(samples, "step_s"), steps_timed=steps, comm_source=source)
 
 
 def probe(w: Workload, steps: int = 3, warmup: int = 1, profile: Optional[DeviceProfile] = None,

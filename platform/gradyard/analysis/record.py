@@ -29,33 +29,24 @@ from typing import Any, Optional
 
 from gradyard.analysis.calibrate import DeviceProfile
 from gradyard.analysis.census import Census
+from gradyard.steptime import StepBreakdown
 
 SCHEMA = "gradyard.analysis.step/1"
 
 
 @dataclass
-class Phases:
-    """Where one training step's wall time goes (medians over the timed steps, seconds)."""
+class Phases(StepBreakdown):
+    """Where one training step's wall time goes: medians over the timed steps (seconds).
 
-    data_s: float = 0.0
-    """Waiting for the next batch (BEFORE_DATA to AFTER_DATA), host-to-device copy included."""
-    forward_s: float = 0.0
-    backward_s: float = 0.0
-    """Backward, less the exposed communication below."""
-    optimizer_s: float = 0.0
-    comm_exposed_s: float = 0.0
-    """Allreduce time the backward did not hide (0 where `comm_source` is `not measured`)."""
-    step_s: float = 0.0
-    """Whole step, BEFORE_DATA to BATCH_END; whatever the phases do not cover is `other_s`."""
+    The fields are the step timer's (:class:`gradyard.steptime.StepBreakdown`, the one definition
+    of the phases); the census takes them from the timer's records of its timing steps.
+    """
+
     steps_timed: int = 0
     comm_source: str = "not measured"
-    """How comm_exposed_s was found: `profiler` (NCCL kernels not overlapped), `no_sync` (backward
-    with and without DDP's allreduce), `not measured`."""
-
-    @property
-    def other_s(self) -> float:
-        named = self.data_s + self.forward_s + self.backward_s + self.optimizer_s + self.comm_exposed_s
-        return max(0.0, self.step_s - named)
+    """How comm_exposed_s was found: `telemetry comm hook` (the step timer's gradient-sync marks),
+    `profiler` (NCCL kernels not overlapped), `no_sync` (backward with and without DDP's
+    allreduce), `not measured` (then it is 0)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -36,6 +36,7 @@ from typing import Any, Optional
 from gradyard.analysis.calibrate import DeviceProfile
 from gradyard.analysis.opclass import COMMUNICATION, DATA_MOVEMENT, ELEMENTWISE, OTHER, REDUCTION
 from gradyard.analysis.record import StepRecord
+from gradyard.steptime import StepBreakdown
 
 REGIMES = ("compute", "memory", "overhead", "communication", "input")
 
@@ -48,15 +49,10 @@ SECONDARY_SHARE = 0.2
 
 
 @dataclass
-class Evidence:
-    """The measured inputs of a verdict (one step; seconds, FLOPs, bytes)."""
+class Evidence(StepBreakdown):
+    """The measured inputs of a verdict: the step's breakdown (:class:`~gradyard.analysis.record.Phases`'
+    fields, defined once in :class:`gradyard.steptime.StepBreakdown`), then FLOPs, bytes and the roof."""
 
-    step_s: float
-    data_s: float = 0.0
-    forward_s: float = 0.0
-    backward_s: float = 0.0
-    optimizer_s: float = 0.0
-    comm_exposed_s: float = 0.0
     flops: float = 0.0
     """All counted FLOPs (pointwise at 1/element)."""
     model_flops: float = 0.0
@@ -394,8 +390,7 @@ def evidence_from(record: StepRecord, profile: DeviceProfile) -> Evidence:
     if census.device_type == "cuda" and census.device_busy_s is not None and census.profiled_wall_s:
         idle = _clamp(1 - census.device_busy_s / census.profiled_wall_s)
     return Evidence(
-        step_s=ph.step_s, data_s=ph.data_s, forward_s=ph.forward_s, backward_s=ph.backward_s,
-        optimizer_s=ph.optimizer_s, comm_exposed_s=ph.comm_exposed_s,
+        **ph.breakdown(),
         flops=census.flops, model_flops=census.model_flops, bytes=census.bytes,
         n_ops=sum(o.count for o in census.ops if o.op_class != COMMUNICATION),
         roofline_s=roofline_s, compute_side_s=sides["compute"], memory_side_s=sides["memory"],

@@ -1,21 +1,21 @@
 """GPU-efficiency telemetry: step-time breakdown, gradient sync, MFU, memory and NVML, for Prometheus.
 
-The trainer builds the callbacks once per worker, when ``spec.telemetry.enabled``::
+The worker builds the callbacks once, when ``spec.telemetry.enabled``::
 
-    callbacks += build_telemetry_callbacks(spec)
+    callbacks += build_telemetry_callbacks(spec, metrics=metrics)
 
 Each callback learns who it runs as (job name, run id, rank, host, GPU: the
 identity labels of :mod:`.metrics`) from the TrainState at FIT_START, so
-they can be built before the process group exists.  Put them *before* the
-checkpoint callback, so a checkpoint taken at BATCH_END is not inside the
-step time (its stall has its own metric).
+they can be built before the process group exists.  Step times are the
+trainer's step timer's (:mod:`gradyard.steptime`): the callbacks that need
+them subscribe to it at FIT_START; none drives another.
 
 Modules, one concern each:
 
-* :mod:`.metrics`    every metric name, on a private registry; ``set_regime``
-* :mod:`.timing`     :class:`StepTimer`, the phases of each step
-* :mod:`.comm`       :class:`GradSyncMonitor`, DDP allreduce time, bandwidth, overlap
-* :mod:`.flops`      :class:`FlopsMonitor`, FLOPs per step, peak table, MFU
+* :mod:`.metrics`    every metric name, on a private registry; ``set_regime`` (the analysis' RegimeSink)
+* :mod:`.timing`     :class:`StepMetrics`, the step timer's phases as counters
+* :mod:`.comm`       :class:`GradSyncMonitor`, DDP allreduce time, bandwidth, overlap (the timer's CommClock)
+* :mod:`.flops`      :class:`FlopsMonitor`, FLOPs per step (the census's counter), peak table, MFU
 * :mod:`.progress`   :class:`ProgressMonitor`, steps, samples, loss, checkpoints, restarts
 * :mod:`.resources`  :class:`ResourceMonitor`, memory and NVML at scrape time
 * :mod:`.exporter`   :class:`PrometheusExporter`, HTTP server and file_sd discovery
@@ -35,11 +35,11 @@ from gradyard.telemetry.flops import PEAK_FLOPS, FlopsMonitor, peak_flops
 from gradyard.telemetry.metrics import TelemetryMetrics
 from gradyard.telemetry.progress import ProgressMonitor
 from gradyard.telemetry.resources import ResourceMonitor
-from gradyard.telemetry.timing import StepTimer
+from gradyard.telemetry.timing import StepMetrics
 
 __all__ = [
     "PEAK_FLOPS", "FlopsMonitor", "GradSyncMonitor", "ProgressMonitor", "PrometheusExporter",
-    "ResourceMonitor", "StepTimer", "TelemetryMetrics", "build_telemetry_callbacks",
+    "ResourceMonitor", "StepMetrics", "TelemetryMetrics", "build_telemetry_callbacks",
     "find_metrics", "peak_flops",
 ]
 
@@ -48,11 +48,12 @@ def build_telemetry_callbacks(
     state_or_spec: Any,
     *,
     registry: Optional[CollectorRegistry] = None,
+    metrics: Optional[TelemetryMetrics] = None,
     peak_profile: Any = None,
     sd_directory: Optional[Path] = None,
     host: Optional[str] = None,
 ) -> list[Callback]:
-    """The telemetry callbacks of one worker, sharing one :class:`TelemetryMetrics`.
+    """The telemetry callbacks of one worker, sharing one :class:`TelemetryMetrics` (``metrics``, or a new one).
 
     ``state_or_spec`` is the TrainState or the JobSpec (only ``spec.telemetry``
     is read here).  ``peak_profile`` is a calibration of this worker's device:
@@ -64,14 +65,12 @@ def build_telemetry_callbacks(
     """
     spec = getattr(state_or_spec, "spec", state_or_spec)
     cfg = spec.telemetry
-    metrics = TelemetryMetrics(registry)
-    flops = FlopsMonitor(metrics, every=cfg.measure_flops_every, peak_profile=peak_profile)
-    comm = GradSyncMonitor(metrics)
+    metrics = metrics if metrics is not None else TelemetryMetrics(registry)
     return [
         PrometheusExporter(metrics, port=cfg.port, host=host, sd_directory=sd_directory),
-        comm,
-        flops,
-        StepTimer(metrics, comm=comm, flops=flops),
+        GradSyncMonitor(metrics),
+        FlopsMonitor(metrics, every=cfg.measure_flops_every, peak_profile=peak_profile),
+        StepMetrics(metrics),
         ProgressMonitor(metrics),
         ResourceMonitor(metrics),
     ]

@@ -22,7 +22,9 @@ the model's gradient bytes); algbw = bytes / seconds and busbw = algbw *
 2(n-1)/n as nccl-tests define them for allreduce; the overlap ratio is the
 share of the union that lies before backward compute ended (the last bucket
 became ready); the rest is *exposed* communication, which the step timer
-reports as phase ``comm_exposed`` instead of ``backward``.
+reports as phase ``comm_exposed`` instead of ``backward``: the monitor is a
+:class:`gradyard.steptime.CommClock`, attached to the trainer's step timer at
+FIT_START, which resolves each step's bucket marks with the step's own.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch.distributed as dist
 
 from gradyard.events import Callback, Event
 from gradyard.intervals import union_seconds
-from gradyard.telemetry.clock import clock_for
+from gradyard.steptime import clock_for
 from gradyard.telemetry.metrics import TelemetryMetrics, identity_labels
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ def comm_stats(intervals: dict[int, tuple[float, float, int]], world_size: int) 
 
 
 class GradSyncMonitor(Callback):
-    """Registers the timing allreduce hook at FIT_START; the step timer collects and resolves its records.
+    """Registers the timing allreduce hook at FIT_START and attaches to the step timer, which resolves its marks.
 
     Only a ``DistributedDataParallel`` model is hooked; with one worker there
     is no gradient sync and the allreduce series stay absent.
@@ -152,6 +154,7 @@ class GradSyncMonitor(Callback):
             log.warning("gradient-sync telemetry off: cannot register the DDP comm hook (%s)", exc)
             return
         self.active = True
+        state.timer.attach_comm(self)
 
     # No annotations: DDP inspects them, and under `from __future__ import
     # annotations` they are strings it rejects.
@@ -187,7 +190,7 @@ class GradSyncMonitor(Callback):
 
         return fut.then(done)
 
-    # -------------------------------------------------- driven by StepTimer
+    # ------------------------------ CommClock: called by the step timer (gradyard.steptime)
 
     def take_step(self) -> Optional[CommRecord]:
         """The buckets of the step that just ended (None when it synced nothing)."""

@@ -1,13 +1,17 @@
 """FLOPs per step, dense peak FLOP/s per device, and MFU.
 
-FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` from
-BEFORE_FORWARD to AFTER_BACKWARD on *measured* steps only: the first step of
-the process and every ``telemetry.measure_flops_every`` steps.  The counter
-intercepts every op in Python, which slows that step down; the step timer
-leaves measured steps out of its time counters.  The count is shape-based, so
-one measurement holds for every step of the same batch shape.
+FLOPs are counted by gradyard's one FLOP counter, the census's counting mode
+(:class:`gradyard.analysis.census.CensusMode`: ``torch.utils.flop_counter``'s
+formulas, each op run unchanged), from BEFORE_FORWARD to AFTER_BACKWARD on
+*measured* steps only: the first step of the process and every
+``telemetry.measure_flops_every`` steps.  The count is the census's
+``model_flops`` (matmul, conv, attention: the number MFU is defined on).  The
+counter intercepts every op in Python, which slows that step down, so a
+measured step is *disturbed* for the step timer (:mod:`gradyard.steptime`)
+and left out of every step-time average.  The count is shape-based, so one
+measurement holds for every step of the same batch shape.
 
-MFU = (step FLOPs / mean step time) / peak FLOP/s.  The peak is a published
+MFU = (step FLOPs / mean time of recent undisturbed steps) / peak FLOP/s.  The peak is a published
 dense number (no structured sparsity) for the device and the precision the
 matmuls run at, or a calibrated profile when one is given.  When neither
 knows the device (CPU, an unlisted GPU), MFU is absent, never a guess.
@@ -16,12 +20,14 @@ knows the device (CPU, an unlisted GPU), MFU is absent, never a guess.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any, Optional, Union
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from gradyard.analysis.census import Census, CensusMode
 from gradyard.events import Callback, Event
+from gradyard.steptime import StepTimes
 from gradyard.telemetry.metrics import TelemetryMetrics, identity_labels
 
 log = logging.getLogger(__name__)
@@ -110,12 +116,13 @@ def peak_flops(device: Union[torch.device, str], dtype: Union[str, torch.dtype],
 
 
 class FlopsMonitor(Callback):
-    """Counts FLOPs on measured steps and turns step time into achieved FLOP/s and MFU."""
+    """Counts FLOPs on measured steps and turns the step timer's step times into achieved FLOP/s and MFU."""
 
     name = "flops_monitor"
     critical = False
+    events = frozenset((Event.BEFORE_DATA, Event.BEFORE_FORWARD, Event.AFTER_BACKWARD, Event.FIT_START))
 
-    def __init__(self, metrics: TelemetryMetrics, every: int = 500, peak_profile: Any = None):
+    def __init__(self, metrics: TelemetryMetrics, every: int = 500, peak_profile: Any = None, window: int = 50):
         if every < 1:
             raise ValueError("every must be >= 1")
         self.metrics = metrics
@@ -124,9 +131,10 @@ class FlopsMonitor(Callback):
         self.step_flops: Optional[float] = None
         self.peak: Optional[float] = None
         self.measured_this_step = False
-        self._mode: Optional[FlopCounterMode] = None
-
-    events = frozenset((Event.BEFORE_DATA, Event.BEFORE_FORWARD, Event.AFTER_BACKWARD, Event.FIT_START))
+        self.window: deque[float] = deque(maxlen=window)
+        """Seconds of the latest undisturbed steps (for achieved FLOP/s); kept in checkpoints."""
+        self._mode: Optional[CensusMode] = None
+        self._device_type = "cpu"
 
     def on_event(self, event: Event, state: Any) -> None:
         if event is Event.BEFORE_DATA:
@@ -134,7 +142,8 @@ class FlopsMonitor(Callback):
         elif event is Event.BEFORE_FORWARD:
             if self.step_flops is None or state.step % self.every == 0:
                 self.measured_this_step = True
-                self._mode = FlopCounterMode(display=False)
+                state.timer.disturb()
+                self._mode = CensusMode()
                 self._mode.__enter__()
         elif event is Event.AFTER_BACKWARD:
             self._stop()
@@ -144,30 +153,41 @@ class FlopsMonitor(Callback):
     def _start(self, state: Any) -> None:
         m = self.metrics
         m.bind(identity_labels(state))
+        self._device_type = torch.device(state.device).type
         dtype = matmul_precision(state.spec.schedule.precision, state.device)
         self.peak = peak_flops(state.device, dtype, self.peak_profile)
         if self.peak is not None:
             m.child(m.peak_flops).set(self.peak)
         else:
             log.info("no peak FLOP/s known for %s at %s: MFU not exported", state.device, dtype)
+        state.timer.subscribe(self._step_time)
 
     def _stop(self) -> None:
         mode, self._mode = self._mode, None
         if mode is None:
             return
         mode.__exit__(None, None, None)
-        self.step_flops = float(mode.get_total_flops())
+        self.step_flops = float(Census(self._device_type, ops=list(mode.stats.values())).model_flops)
         self.metrics.child(self.metrics.step_flops).set(self.step_flops)
 
-    def report_step_time(self, mean_step_seconds: float) -> None:
-        """Called by the step timer with the mean time of recent timed steps."""
-        if not self.step_flops or mean_step_seconds <= 0:
+    def _step_time(self, step: StepTimes) -> None:
+        if step.disturbed:
+            return
+        self.window.append(step.step_s)
+        mean = sum(self.window) / len(self.window)
+        if not self.step_flops or mean <= 0:
             return
         m = self.metrics
-        achieved = self.step_flops / mean_step_seconds
+        achieved = self.step_flops / mean
         m.child(m.achieved_flops).set(achieved)
         if self.peak:
             m.child(m.mfu).set(achieved / self.peak)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": list(self.window)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.window.extend(float(x) for x in state.get("window", []))
 
     def close(self) -> None:
         self._stop()

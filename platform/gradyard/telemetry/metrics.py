@@ -22,6 +22,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 
 from gradyard.analysis.verdict import NUMBER_UNITS, REGIMES
+from gradyard.steptime import PHASES
 from gradyard.telemetry.nvml import gpu_identity
 
 IDENTITY_LABELS = ("ray_train_run_name", "gradyard_run", "ray_train_worker_world_rank", "Hostname", "gpu", "UUID")
@@ -39,9 +40,6 @@ IDENTITY_LABELS = ("ray_train_run_name", "gradyard_run", "ray_train_worker_world
 
 Never ``job`` or ``instance``: those are Prometheus' own (scrape job and target).
 """
-
-PHASES = ("data", "forward", "backward", "optimizer", "comm_exposed")
-"""Step phases; they partition the step time (see :mod:`gradyard.telemetry.timing`)."""
 
 EVIDENCE_UNITS = tuple(sorted({u for u in NUMBER_UNITS.values() if u is not None}))
 """One ``gradyard_regime_evidence_<unit>{key}`` metric per unit of the verdict's evidence
@@ -89,19 +87,19 @@ class TelemetryMetrics:
         self._evidence_keys: list[tuple[str, str]] = []
         r, L = self.registry, IDENTITY_LABELS
 
-        # -- step time (timing.py); measured-FLOP steps are left out of these
+        # -- step time (timing.py, from gradyard.steptime); disturbed steps are left out of these
         self.steps = Counter("gradyard_steps_total", "Optimizer steps completed.", L, registry=r)
         self.samples = Counter("gradyard_samples_total", "Training samples processed on this rank.", L, registry=r)
         self.timed_steps = Counter(
             "gradyard_timed_steps_total",
-            "Steps whose time is in gradyard_step_seconds_total (steps with FLOP counting are left out).",
+            "Steps whose time is in gradyard_step_seconds_total (steps with FLOP counting or the census are left out).",
             L, registry=r)
         self.step_seconds = Counter(
             "gradyard_step_seconds_total", "Step time, BEFORE_DATA to BATCH_END, summed over timed steps.",
             L, registry=r)
         self.phase_seconds = Counter(
             "gradyard_step_phase_seconds_total",
-            "Step time by phase (data, forward, backward, optimizer, comm_exposed) over timed steps.",
+            "Step time by phase (" + ", ".join(PHASES) + ") over timed steps.",
             L + ("phase",), registry=r)
 
         # -- gradient synchronisation (comm.py)
