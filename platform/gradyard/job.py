@@ -377,9 +377,8 @@ class TelemetrySection(_Section):
     profile_ops: bool = False
     """Also run torch.profiler over one step of the job's census, for per-op times in
     `analysis/step.json`.  Off by default: PyTorch's profiler leaves the thread that ran it
-    slower for the rest of the run.
-    The verdict does without it; `gradyard analyze` and `gradyard.analysis.probe` profile
-    outside the job."""
+    slower for the rest of the run.  The verdict does without it; `gradyard.analysis.probe`
+    profiles a step outside the job."""
 
 
 class JobSpec(_Section):
