@@ -34,6 +34,7 @@ class RayCluster:
         # e.g. ``--autoscaling-config=...`` with ``RAY_FAKE_CLUSTER=1``: an autoscaler that adds nodes.
         self.head_args, self.extra_env = head_args, dict(extra_env or {})
         self.temp_dir = temp_dir or tempfile.mkdtemp(prefix="gyray-", dir="/tmp")
+        self.node_temp_dirs: list[str] = []
         self.log = log
         self.tag = uuid.uuid4().hex
         self.port = free_port()
@@ -71,8 +72,8 @@ class RayCluster:
     def dashboard(self) -> str:
         return f"http://{self.ip}:{self.dashboard_port}"
 
-    def ray(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        env = {**os.environ, **self.env}
+    def ray(self, *args: str, check: bool = True, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, **self.env, **(env or {})}
         if self.log is None:
             return subprocess.run([str(VENV_BIN / "ray"), *args], capture_output=True, text=True,
                                   check=check, env=env, timeout=180)
@@ -100,8 +101,11 @@ class RayCluster:
         return self
 
     def add_node(self, ip: str, num_cpus: int = 2, resources: Optional[str] = None,
-                 temp_dir: Optional[str] = None) -> int:
-        """Start another node on this machine at loopback ``ip``; returns its node-manager port."""
+                 temp_dir: Optional[str] = None, env: Optional[dict] = None) -> int:
+        """Start another node on this machine at loopback ``ip``; returns its node-manager port.
+
+        ``temp_dir`` gives it a Ray temp dir of its own (removed by :meth:`stop`), as a node on
+        another machine has; ``env`` adds to the environment its processes inherit."""
         port = free_port()
         args = ["start", f"--address={self.address}", f"--node-ip-address={ip}",
                 f"--num-cpus={num_cpus}", "--object-store-memory=200000000",
@@ -110,7 +114,10 @@ class RayCluster:
                 f"--runtime-env-agent-port={free_port()}"]
         if resources:
             args.append(f"--resources={resources}")
-        self.ray(*args)
+        if temp_dir:
+            args.append(f"--temp-dir={temp_dir}")
+            self.node_temp_dirs.append(temp_dir)
+        self.ray(*args, env=env)
         return port
 
     def kill_node(self, port: int) -> None:
@@ -126,4 +133,5 @@ class RayCluster:
     def stop(self) -> None:
         # SIGKILL at once: the cluster and its temp folder are thrown away, nothing needs a clean exit.
         kill_tagged(self.tag_var, self.tag, grace_s=0)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for d in [self.temp_dir, *self.node_temp_dirs]:
+            shutil.rmtree(d, ignore_errors=True)

@@ -84,3 +84,22 @@ class SlowSteps(Callback):
 
     def on_event(self, event: Event, state) -> None:
         time.sleep(self.seconds)
+
+
+class HoldAtEnd(Callback):
+    """Every rank waits at FIT_END, its last metrics served, until ``release`` exists (at most
+    ``timeout_s``); rank 0 first appends ``held`` to ``marker``.  A test looks at a finished run
+    while its workers still serve."""
+
+    name = "fault_hold"
+    events = frozenset((Event.FIT_END,))
+
+    def __init__(self, release: str, marker: str, timeout_s: float = 300):
+        self.release, self.marker, self.timeout_s = release, marker, timeout_s
+
+    def on_event(self, event: Event, state) -> None:
+        if state.rank == 0:
+            _append(self.marker, "held", state.step)
+        deadline = time.monotonic() + self.timeout_s
+        while not os.path.exists(self.release) and time.monotonic() < deadline:
+            time.sleep(0.2)

@@ -1,4 +1,5 @@
-"""``python testkit/launch_faults.py [--slow S] [--kill-at STEPS --kill-rank R --marker F] gradyard-run-args``.
+"""``python testkit/launch_faults.py [--slow S] [--kill-at STEPS --kill-rank R --marker F] [--hold-until F
+--marker F] gradyard-run-args``.
 
 What ``gradyard run`` (and ``python -m gradyard.launch``) does, with fault
 callbacks passed in explicitly, as tests inject faults: it calls
@@ -16,7 +17,7 @@ def main() -> int:
     from gradyard.cli import add_run_arguments, dispatch, print_summary
     from gradyard.job import load_job
     from gradyard.runner import run_job
-    from testkit.faults import KillAtStep, SlowSteps
+    from testkit.faults import HoldAtEnd, KillAtStep, SlowSteps
 
     p = argparse.ArgumentParser()
     add_run_arguments(p)
@@ -26,12 +27,15 @@ def main() -> int:
     p.add_argument("--kill-at", default="", help="comma-separated steps at which --kill-rank SIGKILLs itself")
     p.add_argument("--kill-rank", type=int, default=0)
     p.add_argument("--marker", default="")
+    p.add_argument("--hold-until", default="", help="every rank waits at the end of training until this file exists")
     args = p.parse_args()
     callbacks = []
     if args.slow:
         callbacks.append(SlowSteps(args.slow))
     if args.kill_at:
         callbacks.append(KillAtStep([int(s) for s in args.kill_at.split(",")], args.kill_rank, args.marker))
+    if args.hold_until:
+        callbacks.append(HoldAtEnd(args.hold_until, args.marker))
 
     def run() -> int:
         spec = load_job(args.file, args.overrides)

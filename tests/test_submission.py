@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
+import tempfile
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 from ray.job_submission import JobSubmissionClient
 
 from conftest import JOBS, ROOT, VENV_BIN, RayCluster, quiet_success, run_cli, wait_until
+from test_telemetry import Prometheus, prometheus_binary, shipped_prometheus_config
 from gradyard.checkpoint import list_checkpoints
 from gradyard.storage import open_storage
 
@@ -20,13 +25,26 @@ pytestmark = [pytest.mark.ray]
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    """Head on 127.0.0.2 (with the dashboard) and a worker node on 127.0.0.3, via Ray's CLI."""
-    cluster = RayCluster(ip="127.0.0.2", num_cpus=2, worker_ports="22000-22999").start()
-    cluster.worker_port = cluster.add_node("127.0.0.3", num_cpus=2)
+    """Head on 127.0.0.2 (with the dashboard, 2 CPUs) and a worker node on 127.0.0.3 (3 CPUs), via Ray's CLI.
+
+    As on two machines, each node has temporary directories of its own: Ray's (``--temp-dir``) and
+    gradyard's Prometheus discovery directory (``node_sd_dirs``, head first).  The worker node has
+    more room, so a SPREAD job's first bundle, and with it rank 0, lands there (Ray places each
+    bundle on the node it leaves the most free)."""
+    roots = [tempfile.mkdtemp(prefix=f"gynode{n}-", dir="/tmp") for n in ("a", "b")]
+    # Not inside Ray's temp dir: Ray makes that one writable by everyone (private_dir refuses it).
+    sd = [os.path.join(r, "gradyard", "prometheus_sd") for r in roots]
+    cluster = RayCluster(ip="127.0.0.2", num_cpus=2, worker_ports="22000-22999", temp_dir=f"{roots[0]}/ray",
+                         extra_env={"GRADYARD_PROMETHEUS_SD_DIR": sd[0]}).start()
+    cluster.node_sd_dirs = sd
+    cluster.worker_port = cluster.add_node("127.0.0.3", num_cpus=3, temp_dir=f"{roots[1]}/ray",
+                                           env={"GRADYARD_PROMETHEUS_SD_DIR": sd[1]})
     client = JobSubmissionClient(cluster.dashboard)
     wait_until(lambda: len(client.get_version()) > 0, timeout=30, what="dashboard")
     yield cluster
     cluster.stop()
+    for r in roots:
+        shutil.rmtree(r, ignore_errors=True)
 
 
 
@@ -193,6 +211,64 @@ def test_spread_puts_one_worker_on_each_node_and_trains_over_gloo(two_nodes, tmp
     assert len(ranks) == 2 and ranks[0]["node"] != ranks[1]["node"], summary["ranks"]
     assert {r["node_ip"] for r in ranks.values()} == {"127.0.0.2", "127.0.0.3"}
     assert summary["metrics"]["test_accuracy"] > 0.9  # DDP over gloo between the nodes learned
+
+
+@pytest.mark.multinode
+@pytest.mark.prometheus
+def test_prometheus_on_the_head_scrapes_every_rank_of_both_nodes_with_nothing_shared(two_nodes, s3, tmp_path):
+    """Prometheus on the head with the shipped config (paths substituted) scrapes all four ranks of a
+    SPREAD job on both nodes, though rank 0 runs on the other node and the nodes share no directory;
+    Ray's own series of the same workers join gradyard's on Ray Train's run and rank labels."""
+    head_sd = Path(two_nodes.node_sd_dirs[0])
+    prom = Prometheus(prometheus_binary(), tmp_path, config=shipped_prometheus_config({
+        "/tmp/ray/": f"{two_nodes.temp_dir}/", "/tmp/gradyard/prometheus_sd/": f"{head_sd}/"}))
+    name = f"sd-{uuid.uuid4().hex[:6]}"
+    run = f'ray_train_run_name="{name}"'
+    marker, release = tmp_path / "marker", tmp_path / "release"
+    client = JobSubmissionClient(two_nodes.dashboard)
+    try:
+        prom.wait_ready(time.monotonic() + 30)
+        job_id = client.submit_job(
+            entrypoint="python testkit/launch_faults.py --on-cluster " + shlex.join([
+                "--hold-until", str(release), "--marker", str(marker), "jobs/circles.yaml",
+                "--set", f"name={name}", "--set", "scaling.num_workers=4", "--set", "scaling.placement=SPREAD",
+                "--set", "schedule.epochs=null", "--set", "schedule.steps=10", "--set", "checkpoint.every_steps=10",
+                "--set", f"storage.url=s3://gradyard-test/{name}", "--set", f"storage.endpoint_url={s3.endpoint}"]),
+            runtime_env={"working_dir": str(ROOT), "excludes": [".venv/", ".git/", "runs/"]})
+        ended = ("SUCCEEDED", "FAILED", "STOPPED")
+        wait_until(lambda: marker.exists() or str(client.get_job_status(job_id).value) in ended, timeout=300,
+                   interval=1, what="every rank at the end of training")
+        assert marker.exists(), client.get_job_logs(job_id)[-4000:]
+        # Every rank, held at the end of training: scraped at its last step.
+        steps = wait_until(lambda: len(r := prom.query(f"gradyard_steps_total{{{run}}} == 10")) == 4 and r,
+                           timeout=60, interval=0.5, what="all four ranks scraped on the head")
+        ranks = {s["metric"]["ray_train_worker_world_rank"]: s["metric"]["instance"].rsplit(":", 1)[0]
+                 for s in steps}
+        assert sorted(ranks) == ["0", "1", "2", "3"]
+        assert ranks["0"] == "127.0.0.3", f"rank 0 on the node without Prometheus (Ray placed it: {ranks})"
+        assert set(ranks.values()) == {"127.0.0.2", "127.0.0.3"}
+        assert len(prom.query(f'up{{job="gradyard",{run}}} == 1')) == 4
+        # Ray's own metrics agents of both nodes, from Ray's discovery file on the head.
+        agents = {u["metric"]["instance"].rsplit(":", 1)[0] for u in prom.query('up{job="ray"} == 1')}
+        assert {"127.0.0.2", "127.0.0.3"} <= agents
+        release.touch()
+        # Ray Train reports its per-worker series at the run's end (gradyard reports once): join the
+        # last of each on Ray Train's labels; every rank finds its Ray worker, on the same node.
+        join = (f"last_over_time(gradyard_steps_total{{{run}}}[10m]) + on (ray_train_run_name, "
+                f"ray_train_worker_world_rank) group_left (NodeAddress, ray_train_worker_actor_id) "
+                f"(0 * last_over_time(ray_train_report_total_blocked_time_s{{{run}}}[10m]))")
+        joined = wait_until(lambda: len(r := prom.query(join)) == 4 and r, timeout=120, interval=1,
+                            what="Ray Train's worker series of all four ranks")
+        assert {j["metric"]["ray_train_worker_world_rank"]: j["metric"]["NodeAddress"] for j in joined} == ranks
+        assert {float(j["value"][1]) for j in joined} == {10.0}
+        status = wait_until(lambda: (s := str(client.get_job_status(job_id).value)) in ended and s,
+                            timeout=300, interval=1, what="job end")
+        assert status == "SUCCEEDED", client.get_job_logs(job_id)[-4000:]
+        # The run withdrew its targets at its end.
+        wait_until(lambda: not list(head_sd.glob("*.json")), timeout=60, what="the run's file_sd removed")
+    finally:
+        release.touch()
+        prom.stop()
 
 
 @pytest.mark.multinode

@@ -337,7 +337,7 @@ def test_metric_names_say_their_type_and_unit():
 @pytest.mark.unit
 def test_exporter_refuses_a_discovery_directory_others_can_write(tmp_path):
     """Another local user must not be able to add, replace or remove Prometheus targets."""
-    from gradyard.telemetry.exporter import DiscoveryDirError, private_dir
+    from gradyard.telemetry.discovery import DiscoveryDirError, private_dir
 
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -743,17 +743,30 @@ def prometheus_binary() -> str:
     return binary
 
 
-class Prometheus:
-    """The real server on loopback, with the deploy config pointed at a temp file_sd dir."""
+def shipped_prometheus_config(paths: dict[str, str]) -> str:
+    """deploy/prometheus/prometheus.yml as shipped, its paths substituted (``{"/tmp/ray": ...}``) and
+    nothing else: rule files by absolute path, and a 1 s scrape and evaluation interval."""
+    text = PROM_CONFIG.read_text()
+    for shipped, here in {**paths, "- rules/": f"- {PROM_CONFIG.parent}/rules/"}.items():
+        assert shipped in text, f"{shipped} is not in the shipped config"
+        text = text.replace(shipped, here)
+    return re.sub(r"(scrape|evaluation)_interval: 5s", r"\1_interval: 1s", text)
 
-    def __init__(self, binary: str, workdir: Path, sd_dir: Path):
-        config = yaml.safe_load(PROM_CONFIG.read_text())
-        config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-        config["rule_files"] = [str(PROM_CONFIG.parent / f) for f in config["rule_files"]]  # alerts too
-        (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "gradyard"]
-        job["file_sd_configs"] = [{"files": [str(sd_dir / "*.json")], "refresh_interval": "1s"}]
-        config["scrape_configs"] = [job]
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+
+class Prometheus:
+    """The real server on loopback, with the deploy config pointed at a temp file_sd dir (or ``config``,
+    a whole configuration, e.g. :func:`shipped_prometheus_config`)."""
+
+    def __init__(self, binary: str, workdir: Path, sd_dir: Optional[Path] = None, config: Optional[str] = None):
+        if config is None:
+            cfg = yaml.safe_load(PROM_CONFIG.read_text())
+            cfg["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+            cfg["rule_files"] = [str(PROM_CONFIG.parent / f) for f in cfg["rule_files"]]  # alerts too
+            (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == "gradyard"]
+            job["file_sd_configs"] = [{"files": [str(sd_dir / "*.json")], "refresh_interval": "1s"}]
+            cfg["scrape_configs"] = [job]
+            config = yaml.safe_dump(cfg)
+        (workdir / "prometheus.yml").write_text(config)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(workdir / "prometheus.log", "w")

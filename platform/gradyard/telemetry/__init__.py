@@ -18,7 +18,8 @@ Modules, one concern each:
 * :mod:`.flops`      :class:`FlopsMonitor`, FLOPs per step (the census's counter), peak table, MFU
 * :mod:`.progress`   :class:`ProgressMonitor`, steps, samples, loss, checkpoints, restarts
 * :mod:`.resources`  :class:`ResourceMonitor`, memory and NVML at scrape time
-* :mod:`.exporter`   :class:`PrometheusExporter`, HTTP server and file_sd discovery
+* :mod:`.exporter`   :class:`PrometheusExporter`, the HTTP server each worker serves
+* :mod:`.discovery`  where Prometheus finds the workers: the head's registry under Ray, a file_sd file under torchrun
 """
 
 from __future__ import annotations

@@ -29,14 +29,13 @@ run's ``observer_errors``; training goes on): a second job on a long-lived
 cluster's pod must not fail for its metrics port.
 
 Discovery: rank 0 gathers every rank's ``host:port`` and identity labels
-(``all_gather_object`` when torch.distributed is initialised) and writes a
-Prometheus ``file_sd_configs`` file, ``<job name>-<run id>.json``, atomically into
-``GRADYARD_PROMETHEUS_SD_DIR`` (default /tmp/gradyard/prometheus_sd); it
-removes the file at close.  The directory must be the one Prometheus reads
-(deploy/prometheus/prometheus.yml): on a multi-node cluster rank 0 may not
-run on the Prometheus node, so either share that directory or let the
-driver write :attr:`PrometheusExporter.targets` there with
-:func:`write_file_sd`.
+(``all_gather_object`` when torch.distributed is initialised) and registers
+them, as one Prometheus ``file_sd_configs`` file, ``<job name>-<run id>.json``,
+in the discovery directory of the node Prometheus runs on; it withdraws them
+at close.  Under Ray that is the head node's, written there by the head's
+registry, whichever node rank 0 runs on; under torchrun, rank 0's own
+(``GRADYARD_PROMETHEUS_SD_DIR``, default /tmp/gradyard/prometheus_sd).  Why,
+and the alternatives: :mod:`gradyard.telemetry.discovery`.
 
 Labels: a target carries exactly the worker's identity labels
 (:data:`~gradyard.telemetry.metrics.IDENTITY_LABELS`), the same dict its
@@ -47,11 +46,8 @@ any other label a discovery file brings.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -60,11 +56,11 @@ import torch.distributed as dist
 from prometheus_client import start_http_server
 
 from gradyard.events import Callback, Event
+from gradyard.telemetry.discovery import open_registration, running_ray
 from gradyard.telemetry.metrics import TelemetryMetrics, identity_labels
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SD_DIR = "/tmp/gradyard/prometheus_sd"
 PORTS_ENV = "GRADYARD_METRICS_PORTS"
 """The metrics ports the pod declares, ``FIRST-LAST`` or ``FIRST``; local rank r serves on FIRST + r."""
 
@@ -107,61 +103,10 @@ def metrics_host() -> str:
     host = os.environ.get("GRADYARD_METRICS_HOST")
     if host:
         return host
-    ray = sys.modules.get("ray")  # never import Ray just to ask: a torchrun worker has none
-    if ray is not None and ray.is_initialized():
+    ray = running_ray()
+    if ray is not None:
         return ray.util.get_node_ip_address()
     return "127.0.0.1"
-
-
-def sd_dir() -> Path:
-    return Path(os.environ.get("GRADYARD_PROMETHEUS_SD_DIR") or DEFAULT_SD_DIR)
-
-
-class DiscoveryDirError(OSError):
-    """A discovery directory another user could write to: targets written there could be forged."""
-
-
-def private_dir(path: Path) -> Path:
-    """Create ``path`` (and missing parents) writable by this user only; refuse one another user controls.
-
-    Prometheus reads the files, so the directory stays readable; what must not
-    happen is another local user adding, replacing or removing targets, which
-    would forge any job's series or break discovery.  So the directory and each
-    parent up to a sticky shared one (``/tmp``) must belong to this user (or
-    root) and be writable by nobody else.
-    """
-    import stat
-
-    path = Path(os.path.abspath(path))
-    path.mkdir(mode=0o755, parents=True, exist_ok=True)
-    uid = os.getuid() if hasattr(os, "getuid") else None
-    for d in [path, *path.parents]:
-        st = d.lstat()
-        if stat.S_ISLNK(st.st_mode):
-            raise DiscoveryDirError(f"{d} is a symbolic link: not writing Prometheus targets there")
-        if st.st_mode & stat.S_ISVTX and st.st_mode & 0o002:
-            break  # /tmp and its kind: others may create names here, but not take ours
-        if uid is not None and st.st_uid not in (uid, 0):
-            raise DiscoveryDirError(f"{d} belongs to uid {st.st_uid}, not this user ({uid}): not writing "
-                                    "Prometheus targets there (set GRADYARD_PROMETHEUS_SD_DIR to a directory "
-                                    "of your own)")
-        if st.st_mode & 0o022:
-            raise DiscoveryDirError(f"{d} is writable by other users (mode {st.st_mode & 0o777:o}): not writing "
-                                    "Prometheus targets there")
-    return path
-
-
-def write_file_sd(path: Path, groups: list[dict[str, Any]]) -> None:
-    """Write a file_sd JSON atomically: Prometheus never reads half a file."""
-    private_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(groups, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _target(host: str, port: int) -> str:
@@ -183,7 +128,8 @@ class PrometheusExporter(Callback):
         self.port: Optional[int] = None
         self.targets: list[dict[str, Any]] = []
         """The file_sd groups of all ranks (on rank 0; this rank's own group elsewhere)."""
-        self.sd_path: Optional[Path] = None
+        self.registration = None
+        """Rank 0's registration of the run's targets (:func:`~gradyard.telemetry.discovery.open_registration`)."""
         self._server = None
         self._thread: Optional[threading.Thread] = None
 
@@ -229,7 +175,7 @@ class PrometheusExporter(Callback):
         return self.host, self.port
 
     def register(self, *, rank: int) -> list[dict[str, Any]]:
-        """Gather every rank's target; rank 0 writes the file_sd file. Collective when distributed.
+        """Gather every rank's target; rank 0 registers them for discovery. Collective when distributed.
 
         Needs the identity bound (:meth:`TelemetryMetrics.bind`): the target's
         labels are that identity, less empty values (a label with no value is
@@ -252,20 +198,19 @@ class PrometheusExporter(Callback):
         groups = [g for g in groups if g["targets"]]
         self.targets = groups if rank == 0 else [mine]
         if rank == 0:
-            path = (self.sd_directory or sd_dir()) / f"{ident['ray_train_run_name']}-{ident['gradyard_run']}.json"
-            write_file_sd(path, groups)
-            self.sd_path = path
+            self.registration = open_registration(f"{ident['ray_train_run_name']}-{ident['gradyard_run']}",
+                                                  self.sd_directory)
+            self.registration.publish(groups)
         return self.targets
 
     def close(self) -> None:
-        if self.sd_path is not None:
-            try:
-                self.sd_path.unlink()
-            except FileNotFoundError:
-                pass
-            self.sd_path = None
-        if self._server is not None:
-            self._server.shutdown()  # stops serve_forever; returns within its 0.5 s poll
-            self._server.server_close()
-            self._thread.join(timeout=5)
-            self._server = self._thread = None
+        try:
+            if self.registration is not None:
+                registration, self.registration = self.registration, None
+                registration.withdraw()
+        finally:
+            if self._server is not None:
+                self._server.shutdown()  # stops serve_forever; returns within its 0.5 s poll
+                self._server.server_close()
+                self._thread.join(timeout=5)
+                self._server = self._thread = None
