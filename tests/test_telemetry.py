@@ -351,6 +351,31 @@ def test_exporter_refuses_a_discovery_directory_others_can_write(tmp_path):
 
 
 @pytest.mark.unit
+def test_the_head_registry_keeps_a_run_while_it_beats_and_drops_it_a_ttl_after_the_last_beat(tmp_path):
+    """The head's record of live runs: each put writes (or keeps) the run's file_sd file and moves its
+    deadline; a run that stops beating (SIGKILLed, its node lost) loses its file, the others keep theirs."""
+    from gradyard.telemetry.discovery import HeadRegistry
+
+    now = [100.0]
+    reg = HeadRegistry(tmp_path, clock=lambda: now[0])
+    a = [{"targets": ["127.0.0.3:9000"], "labels": {"gradyard_run": "a"}}]
+    b = [{"targets": ["127.0.0.2:9001"], "labels": {"gradyard_run": "b"}}]
+    assert reg.put("job-a", a, ttl_s=60) == str(tmp_path / "job-a.json")
+    reg.put("job-b", b, ttl_s=60)
+    now[0] = 150.0
+    reg.put("job-a", a, ttl_s=60)  # a's heartbeat; b is silent
+    assert reg.expire() == [] and json.loads((tmp_path / "job-b.json").read_text()) == b
+    now[0] = 160.0
+    assert reg.expire() == ["job-b"] and reg.keys() == ["job-a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job-a.json"]
+    assert json.loads((tmp_path / "job-a.json").read_text()) == a
+    reg.remove("job-a")  # the run's own withdrawal at its end
+    assert list(tmp_path.iterdir()) == [] and reg.keys() == []
+    with pytest.raises(ValueError, match="letters, digits"):
+        reg.put("../../etc/x", a)
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("identity", [CPU_IDENTITY, GPU_IDENTITY], ids=["cpu", "gpu"])
 def test_exporter_serves_and_cleans_up(tmp_path, identity):
     """The target's labels are the series' identity labels (less the empty ones), never job or instance."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -95,3 +98,34 @@ def test_ray_job_metrics_answer_every_dashboard_panel(ray_cluster, tmp_path):
         assert runs == {result["summary"]["run_id"]}
     finally:
         prom.stop()
+
+
+REGISTER = """
+import os, signal, sys, ray
+from gradyard.telemetry.discovery import HeadRegistration
+ray.init(address=sys.argv[1])
+reg = HeadRegistration(sys.argv[2], ttl_s=float(sys.argv[3]))
+reg.publish([{"targets": ["127.0.0.1:9"], "labels": {"gradyard_run": "gone"}}])
+print(reg.path, flush=True)
+sys.stdin.readline()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_sigkilled_runs_targets_leave_the_head_a_ttl_after_its_last_heartbeat(ray_cluster):
+    """A registration outlives its TTL while its process beats, and is gone within the TTL of a
+    SIGKILL: Prometheus stops scraping a run that could not withdraw."""
+    key, ttl = f"killed-{os.getpid()}", 3
+    proc = subprocess.Popen([sys.executable, "-c", REGISTER, ray_cluster.address, key, str(ttl)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        path = Path(proc.stdout.readline().strip())
+        assert path == Path(os.environ["GRADYARD_PROMETHEUS_SD_DIR"]) / f"{key}.json"
+        time.sleep(3 * ttl)  # several TTLs: only the heartbeat keeps it
+        assert path.exists(), "a live registration lapsed"
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(30) == -signal.SIGKILL
+        wait_until(lambda: not path.exists(), timeout=60, what="the killed run's file_sd removed")
+    finally:
+        proc.kill()

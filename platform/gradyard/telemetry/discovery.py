@@ -47,7 +47,9 @@ of every job finds the same one (``get_if_exists``), and detached, so it
 outlives the run that started it.  A registration lives ``ttl_s`` after its
 last heartbeat: rank 0 beats every ``ttl_s / 4``, so a run that ends without
 withdrawing (SIGKILL, a lost node) loses its file within ``ttl_s``, and
-Prometheus stops scraping it.
+Prometheus stops scraping it.  The one gap: the file of a run that died while
+the actor itself was down stays until removed by hand (the
+``GradyardTargetDown`` alert names it), as any file does under torchrun.
 
 Security: the file carries what rank 0 sent - host:port and the identity
 labels - and the shipped scrape config keeps nothing else (``labelkeep``;

@@ -198,9 +198,10 @@ class PrometheusExporter(Callback):
         groups = [g for g in groups if g["targets"]]
         self.targets = groups if rank == 0 else [mine]
         if rank == 0:
-            self.registration = open_registration(f"{ident['ray_train_run_name']}-{ident['gradyard_run']}",
-                                                  self.sd_directory)
-            self.registration.publish(groups)
+            registration = open_registration(f"{ident['ray_train_run_name']}-{ident['gradyard_run']}",
+                                             self.sd_directory)
+            registration.publish(groups)
+            self.registration = registration  # only once published: nothing to withdraw otherwise
         return self.targets
 
     def close(self) -> None:
