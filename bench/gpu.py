@@ -173,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
     args = p.parse_args(argv)
-    rounds, steps = (1, 10) if args.dry else (args.rounds, args.steps)  # 7 warm-up steps, then the timed ones
-    os.environ.setdefault("OMP_NUM_THREADS", "1" if args.dry else os.environ.get("OMP_NUM_THREADS", "4"))
+    rounds, steps = (1, 8) if args.dry else (args.rounds, args.steps)  # 7 warm-up steps, then the timed ones
+    if args.dry:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="gy-gpu-") as tmp:
         os.environ["GRADYARD_PROFILE_DIR"] = os.environ.get("GRADYARD_PROFILE_DIR", str(Path(tmp) / "profiles"))
-        workloads = [measure(job, rounds, steps, 2 if args.dry else batch, args.dry, Path(tmp),
+        workloads = [measure(job, rounds, steps, 1 if args.dry else batch, args.dry, Path(tmp),
                              lambda m: print(m, flush=True)) for job, (_, batch) in WORKLOADS.items()]
         doc = {"generated_at": dt.datetime.now().isoformat(timespec="seconds"), "dry": args.dry,
                "seconds": round(time.time() - t0, 1), "machine": machine(), "peaks": peaks(), "workloads": workloads}
