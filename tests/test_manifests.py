@@ -498,8 +498,9 @@ class Example:
     where: str
     argv: list
     cluster: Optional[Cluster]
-    driver_env: dict
-    """The driver container's env (a RayJob's head), for a $VAR the entrypoint's shell expands there."""
+    shell_env: dict
+    """The env of the container whose shell first expands the command's $VARs: a RayJob's submitter
+    (KubeRay runs `bash -c "ray job submit ... -- ENTRYPOINT"` in that pod, not on the head)."""
 
 
 def _launch_args(argv: list[str], where: str) -> argparse.Namespace:
@@ -559,8 +560,8 @@ def _examples() -> list[Example]:
     for path, doc in _rayjobs():
         spec = doc["spec"]
         cluster = _kuberay_cluster(spec["rayClusterSpec"]) if "rayClusterSpec" in spec else None
-        head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0] if cluster else {}
-        out.append(Example(f"{path.name}: entrypoint", shlex.split(spec["entrypoint"]), cluster, _env(head)))
+        submitter = spec.get("submitterPodTemplate", {}).get("spec", {}).get("containers", [{}])[0]
+        out.append(Example(f"{path.name}: entrypoint", shlex.split(spec["entrypoint"]), cluster, _env(submitter)))
     for path in CLUSTER_CONFIGS + KUBERAY_MANIFESTS:
         docs = _yaml_docs(path)
         clusters = [_launcher_cluster(d) for d in docs if "available_node_types" in d]
@@ -657,9 +658,9 @@ def test_shipped_example_keeps_its_run_off_the_cluster(example):
     storage = args.storage or spec.storage.url
     if storage.startswith("$"):
         name = storage.strip("${}")
-        source = example.driver_env.get(name, {}).get("valueFrom", {}).get("secretKeyRef", {})
-        assert source.get("name") == STORAGE_SECRET and "value" not in example.driver_env.get(name, {}), (
-            f"{example.where}: --storage {storage}: the driver's {name} must come from the Secret {STORAGE_SECRET}"
+        source = example.shell_env.get(name, {}).get("valueFrom", {}).get("secretKeyRef", {})
+        assert source.get("name") == STORAGE_SECRET and "value" not in example.shell_env.get(name, {}), (
+            f"{example.where}: --storage {storage}: the submitter's {name} (its shell expands the entrypoint) must come from the Secret {STORAGE_SECRET}"
         )
     else:
         assert _remote(storage) or spec.storage.shared, (
