@@ -30,11 +30,11 @@ NAMES = [b.NAME for b in BENCHMARKS]
 
 def parse(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds (says so on the page)")
+    p.add_argument("--quick", action="store_true", help="shorter runs and 3 rounds (says so on the page)")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME",
                    help=f"run only these: {', '.join(NAMES)}")
-    p.add_argument("--repeats", type=int, help="rounds per comparison (default 5; --quick 2)")
+    p.add_argument("--repeats", type=int, help="rounds per comparison (default 4; --quick 3)")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp folder and its logs")

@@ -38,6 +38,9 @@ class Workload:
     """Per-worker batch; the job's own when None."""
     workers: int = 2
     telemetry: bool = True
+    use_gpu: bool = False
+    precision: str = "fp32"
+    """Autocast precision (bench/gpu.sh runs bf16 on a GPU)."""
 
     def _base_spec(self):
         from gradyard.job import load_job
@@ -60,8 +63,9 @@ class Workload:
             "data.source=synthetic", "model.pretrained=null", f"data.num_samples={num_samples}",
             f"data.batch_size={self.batch}", "data.loader_workers=0", "data.pin_memory=false",
             "augmentation=[]", "schedule.epochs=null", f"schedule.steps={self.steps}",
-            "schedule.precision=fp32", "schedule.lr_scheduler.name=none",
-            f"scaling.num_workers={self.workers}", "scaling.use_gpu=false", "scaling.placement=PACK",
+            f"schedule.precision={self.precision}", "schedule.lr_scheduler.name=none",
+            f"scaling.num_workers={self.workers}", f"scaling.use_gpu={str(self.use_gpu).lower()}",
+            "scaling.placement=PACK",
             f"checkpoint.every_steps={self.checkpoint_every}", "checkpoint.every_seconds=null",
             f"telemetry.enabled={'true' if self.telemetry else 'false'}",
         ]
@@ -178,15 +182,18 @@ def run_torchrun(bench: Bench, wl: Workload, storage_kind: str = "local") -> tup
     t0 = bench.run(cmd, name="torchrun")
     out = read_json(d / "result.json")
     shutil.rmtree(d, ignore_errors=True)
+    bench.remove(where)
     return _result(out, t0), cmd
 
 
 def run_ray_train(bench: Bench, wl: Workload, mode: str = "client",
                   storage_kind: str = "local") -> tuple[dict, list[str]]:
     d = bench.fresh("raytrain")
-    t0, cmd = launch(bench, plain_ray_command(bench, wl, d, mode, storage_kind), mode, f"raytrain-{mode}")
+    cmd = plain_ray_command(bench, wl, d, mode, storage_kind)
+    t0, cmd = launch(bench, cmd, mode, f"raytrain-{mode}")
     out = read_json(d / "result.json")
     shutil.rmtree(d, ignore_errors=True)
+    bench.remove(cmd[cmd.index("--storage") + 1])
     return _result(out, t0), cmd
 
 
@@ -250,12 +257,14 @@ def run_gradyard(bench: Bench, wl: Workload, storage_kind: str, mode: str = "cli
 
 def rounds(bench: Bench, wl: Workload, contenders: dict[str, Callable], repeats: int,
            say: Callable[[str], None]) -> tuple[dict[str, list[dict]], dict[str, str]]:
-    """Run every contender once per round, in the same order each round."""
+    """Run every contender once per round; each round starts one contender later (A B C, B C A, ...), so
+    no contender always runs first or last in a round."""
     raw: dict[str, list[dict]] = {name: [] for name in contenders}
     commands: dict[str, str] = {}
+    names = list(contenders)
     for r in range(repeats):
-        for name, fn in contenders.items():
-            res, cmd = fn(bench, wl)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            res, cmd = contenders[name](bench, wl)
             res["load_average"] = round(os.getloadavg()[0], 2)
             raw[name].append(res)
             commands.setdefault(name, bench.shown(cmd))

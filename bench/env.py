@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 VENV_BIN = Path(sys.executable).parent
-PY = str(VENV_BIN / "python")
+PY = sys.executable  # a venv's python, or a system one where there is no venv (bench/gpu.sh)
 BUCKET = "gradyard-bench"
 
 
@@ -154,6 +154,16 @@ class Bench:
             f.write(client.get_job_logs(sid))
         if status != JobStatus.SUCCEEDED:
             raise BenchError(f"{name}: job {sid} ended {status}\n{_tail(log)}")
+
+    def remove(self, where: str) -> None:
+        """Delete a contender's checkpoints from the S3 server (it holds everything in memory);
+        local folders go with the bench's temp folder."""
+        if where.startswith("s3://"):
+            import s3fs
+
+            fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.s3.endpoint})
+            if fs.exists(where):
+                fs.rm(where, recursive=True)
 
     def s3_cpu_seconds(self) -> float:
         """CPU seconds the S3 server has used so far (it shares this machine's cores)."""

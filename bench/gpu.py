@@ -31,39 +31,40 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench.contenders import Workload
 from bench.env import JOBS, PY, ROOT, SCRIPTS, machine
 from bench.report import cell
 from bench.stats import paired, ratio, summary
 
-WORKLOADS = {"alexnet": ("alexnet", 64), "efficientnet-transfer": ("efficientnet_b0_transfer", 64)}
-"""job file: (plain model name, batch on the GPU)."""
-PORT = 9470
+WORKLOADS = {"alexnet": 64, "efficientnet-transfer": 64}
+"""job file: batch on the GPU."""
 
 
-def overrides(job: str, steps: int, batch: int, dry: bool, telemetry: bool, every: int) -> list[str]:
-    return ["data.source=synthetic", f"data.num_samples={(steps + 2) * batch * 2}", f"data.batch_size={batch}",
-            "data.loader_workers=0", "augmentation=[]", "schedule.epochs=null", f"schedule.steps={steps}",
-            "schedule.precision=bf16", "schedule.lr_scheduler.name=none", "scaling.num_workers=1",
-            f"scaling.use_gpu={'false' if dry else 'true'}", f"checkpoint.every_steps={every}",
-            "checkpoint.every_seconds=null", "model.pretrained=null",
-            f"telemetry.enabled={'true' if telemetry else 'false'}", f"telemetry.port={PORT}"]
+def workload(job: str, steps: int, batch: int, dry: bool, telemetry: bool = True) -> Workload:
+    # A checkpoint at the step before the last: it counts in the last step's time, inside the timing
+    # (every contender books a step's save in the next step), and the final save is outside it.
+    return Workload(job, steps, steps - 1, batch_size=batch, workers=1, telemetry=telemetry,
+                    use_gpu=not dry, precision="bf16")
 
 
 class Scraper:
-    """Polls a worker's /metrics while it runs; keeps the last answer."""
+    """Polls the worker's /metrics while it runs, found through its discovery file; keeps the last answer."""
 
-    def __init__(self, port: int):
-        self.url, self.text, self._stop = f"http://127.0.0.1:{port}/metrics", "", threading.Event()
+    def __init__(self, sd_dir: Path):
+        self.sd_dir, self.text, self._stop = sd_dir, "", threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
             try:
-                with urllib.request.urlopen(self.url, timeout=2) as r:
-                    self.text = r.read().decode()
-            except OSError:
-                pass
+                files = sorted(self.sd_dir.glob("*.json"))
+                target = json.loads(files[0].read_text())[0]["targets"][0] if files else None
+                if target:
+                    with urllib.request.urlopen(f"http://{target}/metrics", timeout=2) as r:
+                        self.text = r.read().decode()
+            except (OSError, ValueError, IndexError, KeyError):
+                pass  # not there yet, or gone: the last answer stands
 
     def stop(self) -> str:
         self._stop.set()
@@ -72,40 +73,42 @@ class Scraper:
 
 
 def value(text: str, name: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
     return None
 
 
-def run_gradyard(job: str, d: Path, sets: list[str], scrape: bool) -> dict:
+def run_gradyard(wl: Workload, d: Path, scrape: bool) -> dict:
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "gradyard.train",
-           str(JOBS / f"{job}.yaml"), "--storage", str(d), *[a for s in sets for a in ("--set", s)]]
-    scraper = Scraper(PORT) if scrape else None
-    t0 = time.time()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+           str(JOBS / f"{wl.job}.yaml"), "--storage", str(d / "runs"),
+           *[a for s in wl.overrides() for a in ("--set", s)]]
+    sd = d / "sd"
+    sd.mkdir(mode=0o700)
+    scraper = Scraper(sd) if scrape else None
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "GRADYARD_PROMETHEUS_SD_DIR": str(sd)})
     metrics = scraper.stop() if scraper else ""
     if r.returncode != 0:
-        raise RuntimeError(f"gradyard {job} failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
-    run = d / job
+        raise RuntimeError(f"gradyard {wl.job} failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
+    run = d / "runs" / wl.spec().name
     s = json.loads((run / "summary.json").read_text())
     verdict = run / "analysis" / "verdict.json"
-    return {"steps_per_second": s["steady_steps_per_second"], "launched_at": t0,
+    return {"steps_per_second": s["steady_steps_per_second"],
             "checkpoint_seconds": s["checkpoints"].get("blocked_seconds", []), "metrics": metrics,
             "verdict": json.loads(verdict.read_text()) if verdict.exists() else None, "command": cmd}
 
 
-def run_plain(job: str, model: str, d: Path, steps: int, batch: int, dry: bool, every: int) -> dict:
-    from bench.contenders import Workload
-
-    wl = Workload(job, steps, every, batch_size=batch, workers=1)
-    args = [a for a in wl.plain_args() if a]
+def run_plain(wl: Workload, d: Path) -> dict:
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", str(SCRIPTS / "ddp_torchrun.py"),
-           *args, "--snapshot-path", str(d / "snapshot.pt"), "--out", str(d / "result.json"), "--bf16",
-           "--device", "cpu" if dry else "cuda"]
+           *wl.plain_args(), "--snapshot-path", str(d / "snapshot.pt"), "--out", str(d / "result.json"), "--bf16",
+           "--device", "cuda" if wl.use_gpu else "cpu"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
-        raise RuntimeError(f"plain {job} failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
+        raise RuntimeError(f"plain {wl.job} failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
     out = json.loads((d / "result.json").read_text())
     return {"steps_per_second": out["steady_steps_per_second"], "checkpoint_seconds": out["checkpoint_seconds"],
             "command": cmd}
@@ -114,29 +117,27 @@ def run_plain(job: str, model: str, d: Path, steps: int, batch: int, dry: bool, 
 def measure(job: str, rounds: int, steps: int, batch: int, dry: bool, tmp: Path, say) -> dict:
     from gradyard.telemetry.nvml import READINGS
 
-    model = WORKLOADS[job][0]
-    every = steps - 2  # one checkpoint inside the timed steps (those after STEADY_AFTER_STEPS)
-    raw: dict[str, list[dict]] = {"plain": [], "on": [], "off": []}
+    arms = {"plain": workload(job, steps, batch, dry), "on": workload(job, steps, batch, dry),
+            "off": workload(job, steps, batch, dry, telemetry=False)}
+    raw: dict[str, list[dict]] = {arm: [] for arm in arms}
     for r in range(rounds):
-        for arm in raw:
+        for arm, wl in arms.items():
             d = Path(tempfile.mkdtemp(dir=tmp))
-            if arm == "plain":
-                res = run_plain(job, model, d, steps, batch, dry, every)
-            else:
-                res = run_gradyard(job, d, overrides(job, steps, batch, dry, arm == "on", every), scrape=arm == "on")
+            res = run_plain(wl, d) if arm == "plain" else run_gradyard(wl, d, scrape=arm == "on")
             raw[arm].append(res)
             say(f"  {job} round {r + 1}/{rounds} {arm}: {res['steps_per_second']:.2f} steps/s")
     rate = {k: [x["steps_per_second"] for x in v] for k, v in raw.items()}
     last = raw["on"][-1]
-    mfu, peak = value(last["metrics"], "gradyard_mfu_ratio"), value(last["metrics"], "gradyard_peak_flops_per_second")
     step_s = 1 / summary(rate["on"])["median"]
-    stall = summary([s / step_s for x in raw["on"] for s in x["checkpoint_seconds"]])
+    # The checkpoint inside the timing: gradyard's first save (its last one is the final, after it).
+    stall = summary([x["checkpoint_seconds"][0] / step_s for x in raw["on"] if x["checkpoint_seconds"]])
     return {"job": job, "steps": steps, "batch": batch, "steps_per_second": {k: summary(v) for k, v in rate.items()},
             "gradyard_over_plain": ratio(paired(rate["on"], rate["plain"]), 0.95),
             "telemetry_on_over_off": ratio(paired([1 / x for x in rate["on"]], [1 / x for x in rate["off"]]), 1.01, "lower"),
             "checkpoint_stall_over_step": stall,
-            "nvml_series": {name: name in last["metrics"] for name in READINGS},
-            "mfu": mfu, "peak_flops_used": peak,
+            "nvml_series": {name: value(last["metrics"], name) is not None for name in READINGS},
+            "mfu": value(last["metrics"], "gradyard_mfu_ratio"),
+            "peak_flops_used": value(last["metrics"], "gradyard_peak_flops_per_second"),
             "verdict": {k: (last["verdict"] or {}).get(k) for k in ("regime", "numbers", "evidence")},
             "commands": {"plain": " ".join(raw["plain"][0]["command"]), "gradyard": " ".join(last["command"])}}
 
@@ -173,14 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
     args = p.parse_args(argv)
-    rounds, steps = (1, 8) if args.dry else (args.rounds, args.steps)  # 7 warm-up steps, then the timed ones
+    rounds, steps = (1, 9) if args.dry else (args.rounds, args.steps)  # 7 warm-up steps, then the timed ones
     if args.dry:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="gy-gpu-") as tmp:
         os.environ["GRADYARD_PROFILE_DIR"] = os.environ.get("GRADYARD_PROFILE_DIR", str(Path(tmp) / "profiles"))
         workloads = [measure(job, rounds, steps, 1 if args.dry else batch, args.dry, Path(tmp),
-                             lambda m: print(m, flush=True)) for job, (_, batch) in WORKLOADS.items()]
+                             lambda m: print(m, flush=True)) for job, batch in WORKLOADS.items()]
         doc = {"generated_at": dt.datetime.now().isoformat(timespec="seconds"), "dry": args.dry,
                "seconds": round(time.time() - t0, 1), "machine": machine(), "peaks": peaks(), "workloads": workloads}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -52,9 +52,10 @@ def targets(doc: dict) -> list[str]:
            "|---|---|---|---|"]
     for t in rows:
         sign = "≥" if t["better"] == "higher" else "≤"
-        resolve = t.get("rounds_to_resolve", "") if t["verdict"] == "not resolved" else ""
-        out.append(f"| {t['name']} {sign} {t['target']} | {cell(t)} | {VERDICT[t['verdict']]} | "
-                   f"{resolve if resolve is not None else 'more than 1000'} |")
+        resolve = ""
+        if t["verdict"] == "not resolved":
+            resolve = ("an interval needs 3" if "ci" not in t else t["rounds_to_resolve"] or "more than 1000")
+        out.append(f"| {t['name']} {sign} {t['target']} | {cell(t)} | {VERDICT[t['verdict']]} | {resolve} |")
     return out + [""]
 
 

@@ -33,6 +33,9 @@ class Size:
     profile_hz: int = 500
     short_steps: int = 12
     """Steps of the start-up runs (only the first step is timed)."""
+    embedded_startup: bool = True
+    """Start-up measured on embedded clusters; the smoke reads its rounds from the submissions instead
+    (two more Ray start-ups would double its time; `gradyard run` without a cluster runs in other tests)."""
     local_rounds: bool = True
     """The contenders checkpointing to local disk."""
     s3_rounds: bool = True
@@ -49,4 +52,5 @@ QUICK = Size("quick", repeats=3, fashion_steps=110, fashion_checkpoint_every=50,
              fault_rounds=3, telemetry_ab_steps=300, telemetry_runs=2)
 SMOKE = Size("smoke", repeats=1, fashion_steps=20, fashion_checkpoint_every=10, alexnet_steps=0,
              checkpoint_rounds=1, checkpoint_state="fashion-cnn", recovery_rounds=1, fault_rounds=1,
-             telemetry_ab_steps=100, telemetry_runs=1, profile_hz=200, short_steps=8, local_rounds=False)
+             telemetry_ab_steps=100, telemetry_runs=1, profile_hz=200, short_steps=8, local_rounds=False,
+             embedded_startup=False)

@@ -20,5 +20,7 @@ def run(bench, size, shared, say=print) -> dict:
     got = shared.get("startup_rounds")
     if got is not None:
         return first_step_latency(got, "the throughput benchmark's AlexNet rounds")
+    if not size.embedded_startup and shared.get("submit_rounds"):
+        return first_step_latency(shared["submit_rounds"], "the submissions (smoke size: no embedded cluster)")
     bench.stop_cluster()
     return first_step_latency(own_rounds(bench, size, "embedded", say), "its own rounds")

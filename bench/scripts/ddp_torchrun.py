@@ -78,10 +78,6 @@ class Trainer:
             for source, targets in self.train_data:
                 self._run_batch(source, targets)
                 self.step += 1
-                if self.rank == 0 and self.save_every and self.step % self.save_every == 0:
-                    t0 = time.perf_counter()
-                    self._save_snapshot()
-                    self.checkpoint_seconds.append(time.perf_counter() - t0)
                 if self.device.type == "cuda" and self.step in (WARMUP_STEPS, max_steps):
                     torch.cuda.synchronize()  # the step's kernels are done, not only queued
                 now = time.perf_counter()
@@ -89,6 +85,12 @@ class Trainer:
                     self.first_step_at = time.time()
                 if self.step == WARMUP_STEPS or self.step == max_steps:
                     self.marks.append((self.step, now))
+                # A step's save counts in the next step's time, as gradyard's does (its step ends
+                # before its checkpoint): every contender times the same checkpoints.
+                if self.rank == 0 and self.save_every and self.step % self.save_every == 0:
+                    t0 = time.perf_counter()
+                    self._save_snapshot()
+                    self.checkpoint_seconds.append(time.perf_counter() - t0)
                 if self.step >= max_steps:
                     break
             epoch += 1

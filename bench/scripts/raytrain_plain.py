@@ -59,6 +59,13 @@ def train_func(config: dict):
             loss.backward()
             optimizer.step()
             step += 1
+            now = time.perf_counter()
+            if step == 1:
+                first_step_at = time.time()
+            if step in (WARMUP_STEPS, max_steps):
+                marks.append((step, now))
+            # A step's save counts in the next step's time, as gradyard's does (its step ends before
+            # its checkpoint): every contender times the same checkpoints.
             if every and step % every == 0:
                 t0 = time.perf_counter()
                 # Async upload (Ray deletes the folder once uploaded) or the guide's synchronous one.
@@ -75,11 +82,6 @@ def train_func(config: dict):
                 if not config["async_upload"] or checkpoint is None:
                     shutil.rmtree(tmp, ignore_errors=True)
                 checkpoint_seconds.append(time.perf_counter() - t0)
-            now = time.perf_counter()
-            if step == 1:
-                first_step_at = time.time()
-            if step in (WARMUP_STEPS, max_steps):
-                marks.append((step, now))
             if step >= max_steps:
                 break
         epoch += 1
