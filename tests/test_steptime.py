@@ -124,3 +124,58 @@ def test_census_telemetry_and_summary_read_the_same_step_records(tmp_path):
     assert trainer.timer.steady_steps_per_second() == pytest.approx(
         (last.step - first.step) / (last.ended_s - first.ended_s))
     assert trainer.timer.first_step_at is not None
+
+
+class _LaggingClock:
+    """A device clock whose marks are reached ``lag`` marks after they are recorded (a GPU running
+    behind the host); ``wait`` is the sync the timer may do on an old mark, recorded."""
+
+    def __init__(self, lag: int):
+        self.lag, self.n, self.reached, self.waited = lag, 0, set(), []
+
+    def mark(self, stream=None):
+        self.n += 1
+        return self.n
+
+    def ready(self, mark) -> bool:
+        return mark in self.reached or self.n - mark >= self.lag
+
+    def wait(self, mark) -> None:
+        self.waited.append(mark)
+        self.reached.add(mark)
+
+    def seconds(self, start, end) -> float:
+        return (end - start) * 1e-3
+
+    def release(self, marks) -> None:
+        pass
+
+
+@pytest.mark.unit
+def test_a_lagging_device_is_read_late_and_waited_on_only_past_max_lag():
+    """On CUDA a step's marks are read once the device has passed them: steps pile up to ``max_lag``
+    unresolved and no further (the oldest is then waited on: a sync on work at least that old), records
+    come out in step order, and ``flush(through=k)`` resolves every step up to k."""
+    from gradyard.steptime import MARKED, StepTimer
+
+    order = sorted(MARKED, key=list(Event).index)
+    assert order[0] is Event.BEFORE_DATA and order[-1] is Event.BATCH_END
+    timer = StepTimer(max_lag=2)
+    clock = timer._clock = _LaggingClock(lag=10 ** 6)  # never reached by itself
+    seen = []
+    timer.subscribe(lambda rec: seen.append(rec.step))
+    for step in range(8):
+        for event in order:
+            timer.mark(event, step if event is Event.BEFORE_DATA else None)
+        assert seen == list(range(max(0, step - 1))), (step, seen)  # at most max_lag steps pending
+    assert len(clock.waited) == 6 and all(m <= clock.n - 2 * len(order) for m in clock.waited)  # only old marks
+    timer.flush(through=6)
+    assert seen == list(range(7))
+    timer.flush()
+    assert seen == list(range(8))
+    lazy = StepTimer(max_lag=2)
+    clock = lazy._clock = _LaggingClock(lag=len(order) + 1)  # the device passes a step's end a step later
+    for step in range(8):
+        for event in order:
+            lazy.mark(event, step if event is Event.BEFORE_DATA else None)
+    assert clock.waited == []  # read a step late, never waited on

@@ -354,7 +354,11 @@ def test_exporter_refuses_a_discovery_directory_others_can_write(tmp_path):
 def test_the_head_registry_keeps_a_run_while_it_beats_and_drops_it_a_ttl_after_the_last_beat(tmp_path):
     """The head's record of live runs: each put writes (or keeps) the run's file_sd file and moves its
     deadline; a run that stops beating (SIGKILLed, its node lost) loses its file, the others keep theirs."""
-    from gradyard.telemetry.discovery import HeadRegistry
+    from gradyard.telemetry.discovery import MARK, HeadRegistry
+
+    def written(name):  # the file's groups, less the registry's own mark
+        return [{**g, "labels": {k: v for k, v in g["labels"].items() if k != MARK}}
+                for g in json.loads((tmp_path / name).read_text())]
 
     now = [100.0]
     reg = HeadRegistry(tmp_path, clock=lambda: now[0])
@@ -364,15 +368,45 @@ def test_the_head_registry_keeps_a_run_while_it_beats_and_drops_it_a_ttl_after_t
     reg.put("job-b", b, ttl_s=60)
     now[0] = 150.0
     reg.put("job-a", a, ttl_s=60)  # a's heartbeat; b is silent
-    assert reg.expire() == [] and json.loads((tmp_path / "job-b.json").read_text()) == b
+    assert reg.expire() == [] and written("job-b.json") == b
     now[0] = 160.0
     assert reg.expire() == ["job-b"] and reg.keys() == ["job-a"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job-a.json"]
-    assert json.loads((tmp_path / "job-a.json").read_text()) == a
+    assert written("job-a.json") == a
     reg.remove("job-a")  # the run's own withdrawal at its end
     assert list(tmp_path.iterdir()) == [] and reg.keys() == []
     with pytest.raises(ValueError, match="letters, digits"):
         reg.put("../../etc/x", a)
+
+
+@pytest.mark.unit
+def test_the_head_registry_refuses_forged_groups_and_a_restarted_one_lets_dead_runs_lapse(tmp_path):
+    """Anyone with the cluster's token can call the registry: it takes host:port targets and identity
+    labels only.  A restarted registry adopts its own files (not a torchrun run's), so a run that died
+    while it was down still loses its file a TTL later, and a live one keeps it by beating."""
+    from gradyard.telemetry.discovery import HeadRegistry, write_file_sd
+
+    now = [0.0]
+    reg = HeadRegistry(tmp_path, clock=lambda: now[0])
+    good = [{"targets": ["127.0.0.3:9000"], "labels": {"gradyard_run": "a"}}]
+    for bad, says in [([{"targets": ["127.0.0.3:9000"], "labels": {"__metrics_path__": "/x"}}], "labels may be only"),
+                      ([{"targets": ["127.0.0.3:9000"], "labels": {"__param_target": "evil"}}], "labels may be only"),
+                      ([{"targets": ["http://evil/metrics"], "labels": {}}], "host:port"),
+                      ([{"targets": ["127.0.0.3:9000"], "labels": {}, "extra": 1}], "exactly"), ([], "non-empty")]:
+        with pytest.raises(ValueError, match=says):
+            reg.put("job-x", bad)
+    assert list(tmp_path.iterdir()) == []
+    reg.put("dead", good)
+    reg.put("alive", good)
+    write_file_sd(tmp_path / "torchrun-run.json", good)  # a torchrun run's file beside them: not the registry's
+    now[0] = 1000.0
+    again = HeadRegistry(tmp_path, clock=lambda: now[0])  # the actor restarted: it forgot its runs
+    assert sorted(again.adopt(ttl_s=60)) == ["alive", "dead"]
+    now[0] = 1030.0
+    again.put("alive", good)  # the live run's next beat
+    now[0] = 1061.0
+    assert again.expire() == ["dead"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alive.json", "torchrun-run.json"]
 
 
 @pytest.mark.unit

@@ -121,8 +121,14 @@ def test_a_sigkilled_runs_targets_leave_the_head_a_ttl_after_its_last_heartbeat(
     try:
         path = Path(proc.stdout.readline().strip())
         assert path == Path(os.environ["GRADYARD_PROMETHEUS_SD_DIR"]) / f"{key}.json"
-        time.sleep(3 * ttl)  # several TTLs: only the heartbeat keeps it
-        assert path.exists(), "a live registration lapsed"
+        import ray
+
+        from gradyard.telemetry.discovery import ACTOR_NAME, ACTOR_NAMESPACE
+
+        registry = ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE)
+        # Several TTLs' worth of heartbeats (one every TTL/4), counted by the registry, not slept for.
+        wait_until(lambda: ray.get(registry.beats.remote(key)) >= 12, timeout=120, what="twelve heartbeats")
+        assert path.exists() and key in ray.get(registry.keys.remote()), "a live registration lapsed"
         proc.stdin.write("\n")
         proc.stdin.flush()
         assert proc.wait(30) == -signal.SIGKILL

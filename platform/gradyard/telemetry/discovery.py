@@ -77,7 +77,13 @@ log = logging.getLogger(__name__)
 DEFAULT_SD_DIR = "/tmp/gradyard/prometheus_sd"
 TTL_S = 60.0
 """How long a run's registration outlives its last heartbeat (rank 0 beats every quarter of this)."""
-ACTOR_NAME, ACTOR_NAMESPACE = "prometheus_sd", "gradyard"
+PROTOCOL = 2
+"""Version of the registry's calls and files, in the actor's name: a cluster's detached actor was
+started by some earlier job's gradyard, and a newer gradyard must not call an older one."""
+ACTOR_NAME, ACTOR_NAMESPACE = f"prometheus_sd_v{PROTOCOL}", "gradyard"
+MARK = "__gradyard_head_registry"
+"""A label on every group the registry writes (Prometheus drops ``__`` labels after relabelling): a
+restarted registry adopts exactly its own files, so a run that died meanwhile still lapses."""
 HEAD_RESOURCE = "node:__internal_head__"
 """The custom resource Ray gives the head node alone."""
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -139,6 +145,30 @@ def write_file_sd(path: Path, groups: list[dict[str, Any]]) -> None:
         raise
 
 
+PROTOCOL_MARK = str(PROTOCOL)
+_TARGET = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}$")
+
+
+def _valid(groups: Any) -> list[dict[str, Any]]:
+    """file_sd groups of ``host:port`` targets and identity labels only, or ValueError: a caller with the
+    cluster's token must not add a ``__metrics_path__``, a ``__param_*`` or any label of its own."""
+    from gradyard.telemetry.metrics import IDENTITY_LABELS
+
+    if not isinstance(groups, list) or not groups:
+        raise ValueError("registration: a non-empty list of file_sd groups")
+    for g in groups:
+        if not isinstance(g, dict) or set(g) != {"targets", "labels"}:
+            raise ValueError("registration: each group has exactly 'targets' and 'labels'")
+        if not isinstance(g["targets"], list) or not all(isinstance(t, str) and _TARGET.match(t) for t in g["targets"]):
+            raise ValueError(f"registration: targets must be host:port, not {g['targets']!r}")
+        labels = g["labels"]
+        if not isinstance(labels, dict) or not set(labels) <= set(IDENTITY_LABELS) or not all(
+                isinstance(v, str) for v in labels.values()):
+            raise ValueError(f"registration: labels may be only {', '.join(IDENTITY_LABELS)} (strings), "
+                             f"not {sorted(labels) if isinstance(labels, dict) else labels!r}")
+    return groups
+
+
 def _unlink(path: Path) -> None:
     try:
         path.unlink()
@@ -168,6 +198,7 @@ class HeadRegistry:
         self.clock = clock
         self._runs: dict[str, tuple[list[dict[str, Any]], float]] = {}
         """key -> (groups, deadline on ``clock``)."""
+        self._beats: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def path(self, key: str) -> Path:
@@ -178,12 +209,32 @@ class HeadRegistry:
     def put(self, key: str, groups: list[dict[str, Any]], ttl_s: float = TTL_S) -> str:
         """Register or refresh a run; returns the file's path (on the head)."""
         path = self.path(key)
+        groups = [{"targets": g["targets"], "labels": {**g["labels"], MARK: PROTOCOL_MARK}} for g in _valid(groups)]
         with self._lock:
             known = self._runs.get(key)
             self._runs[key] = (groups, self.clock() + ttl_s)
+            self._beats[key] = self._beats.get(key, 0) + 1
             if known is None or known[0] != groups or not path.exists():
                 write_file_sd(path, groups)
         return str(path)
+
+    def adopt(self, ttl_s: float = TTL_S) -> list[str]:
+        """Take back the files a registry wrote before this one started (an actor restart forgets its
+        runs): each lapses ``ttl_s`` from now unless its run beats again.  Returns their keys."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                groups = json.loads(path.read_text())
+                ours = isinstance(groups, list) and groups and all(g["labels"].get(MARK) == PROTOCOL_MARK for g in groups)
+            except (OSError, ValueError, TypeError, KeyError, AttributeError):
+                continue
+            if ours and _KEY.match(path.stem):
+                with self._lock:
+                    self._runs.setdefault(path.stem, (groups, self.clock() + ttl_s))
+                found.append(path.stem)
+        return found
 
     def remove(self, key: str) -> None:
         path = self.path(key)
@@ -203,6 +254,11 @@ class HeadRegistry:
             log.warning("run %s stopped its heartbeat: its Prometheus targets are removed", key)
         return gone
 
+    def beats(self, key: str) -> int:
+        """Puts received for ``key`` (its first and its heartbeats) since this registry started."""
+        with self._lock:
+            return self._beats.get(key, 0)
+
     def keys(self) -> list[str]:
         with self._lock:
             return sorted(self._runs)
@@ -213,6 +269,7 @@ class _HeadRegistryActor(HeadRegistry):
 
     def __init__(self):
         super().__init__()
+        self.adopt()
         threading.Thread(target=self._sweep, name="gradyard-sd-expiry", daemon=True).start()
 
     def _sweep(self) -> None:
@@ -246,13 +303,13 @@ class HeadRegistration:
         self._stop = threading.Event()
         self._beat: Optional[threading.Thread] = None
 
-    def _call(self, method: str, *args: Any) -> Any:
+    def _call(self, method: str, *args: Any, timeout: float = 60) -> Any:
         import ray
 
         if self._actor is None:
             self._actor = head_registry()
         try:
-            return ray.get(getattr(self._actor, method).remote(*args), timeout=60)
+            return ray.get(getattr(self._actor, method).remote(*args), timeout=timeout)
         except Exception:
             self._actor = None  # gone for good (killed, its node lost): look it up or start it again next time
             raise
@@ -275,11 +332,12 @@ class HeadRegistration:
                 log.warning("Prometheus registration heartbeat failed (%s); retrying", exc)
 
     def withdraw(self) -> None:
+        # Bounded: the end of training must not wait on a slow head; a registration not withdrawn lapses.
         self._stop.set()
         if self._beat is not None:
-            self._beat.join(timeout=70)
+            self._beat.join(timeout=5)
             self._beat = None
-        self._call("remove", self.key)
+        self._call("remove", self.key, timeout=10)
 
 
 def open_registration(key: str, directory: Optional[Path] = None):
