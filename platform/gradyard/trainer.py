@@ -6,7 +6,7 @@ Stateful", not a hand-kept list.  Everything else (progress, checkpoints,
 telemetry, analysis) attaches through :mod:`gradyard.events`.
 
 Longer than 350 lines because the loop is one piece: the step (data, forward, backward,
-optimizer with accumulation, clipping, AMP and the non-finite guard), evaluation and the event
+optimizer with AMP and the non-finite guard), evaluation and the event
 points between them read best together, as in nanoGPT's and torchtitan's train loops.
 """
 
