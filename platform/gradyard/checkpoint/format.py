@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from gradyard.progress import Progress
-from gradyard.storage import DEFAULT, PATIENT, RecordError, RetryPolicy, Storage
+from gradyard.storage import DEFAULT, PATIENT, RecordError, RetryPolicy, SizeMismatch, Storage
 from gradyard.storage import retry
 
 FORMAT_VERSION = 2
@@ -98,10 +98,6 @@ class CheckpointInfo:
 
 
 # --------------------------------------------------------------- digests
-
-
-def sha256_hex(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def tensor_digest(obj: Any) -> str:
@@ -242,9 +238,11 @@ def read_verified(storage: Storage, info: CheckpointInfo, names: Optional[tuple[
                   digests: Optional[dict] = None, policy: RetryPolicy = PATIENT) -> dict[str, bytes]:
     """The bytes of a checkpoint's files, each checked against its manifest's sha256.
 
-    These are the very bytes a resume loads: what was hashed is what is used,
-    and each byte is read once.  ``digests`` (name -> {"size", "sha256"}) replaces
-    the manifest's, so every rank checks against what rank 0 verified.
+    These are the very bytes a resume loads: each file is hashed as it is read
+    into memory (on S3 in concurrent ranged parts, hashed in order as they
+    arrive), what was hashed is what is used, and each byte is read once.
+    ``digests`` (name -> {"size", "sha256"}) replaces the manifest's, so every
+    rank checks against what rank 0 verified.
     """
     expected = digests if digests is not None else info.files
     out: dict[str, bytes] = {}
@@ -253,12 +251,12 @@ def read_verified(storage: Storage, info: CheckpointInfo, names: Optional[tuple[
         if meta is None:
             raise CorruptCheckpoint(f"{name} is not in {MANIFEST}")
         try:
-            data = storage.read_bytes(posixpath.join(info.path, name), policy)
+            data, digest = storage.read_hashed(posixpath.join(info.path, name), meta["size"], policy)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{name} is missing") from None
-        if len(data) != meta["size"]:
-            raise CorruptCheckpoint(f"{name} has {len(data)} bytes, {MANIFEST} says {meta['size']}")
-        if sha256_hex(data) != meta["sha256"]:
+        except SizeMismatch as exc:
+            raise CorruptCheckpoint(f"{name} has {exc.actual} bytes, {MANIFEST} says {meta['size']}") from None
+        if digest != meta["sha256"]:
             raise CorruptCheckpoint(f"{name} does not match its sha256")
         out[name] = data
     info.verified = True

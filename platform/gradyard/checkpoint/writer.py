@@ -11,9 +11,10 @@ checkpoint in one atomic step:
   folder onto an existing one fails: a published checkpoint is never
   replaced) and the parent synced;
 * **object storage**: the files go under the final name, which nothing uses
-  yet (the manager picks a fresh one), and the manifest is created with a
-  conditional PUT (``If-None-Match: *``): it becomes visible whole, once, and
-  never over another.
+  yet (the manager picks a fresh one), each as concurrent multipart parts
+  (:mod:`gradyard.storage.transfer`), the next file serialised while the one
+  before it uploads; then the manifest is created with a conditional PUT
+  (``If-None-Match: *``): it becomes visible whole, once, and never over another.
 
 :class:`BackgroundWriter` runs one such job at a time on a thread at the
 lowest CPU priority, so its serialising and hashing take the time the
@@ -23,7 +24,6 @@ training threads leave idle rather than theirs (docs/checkpoints.md).
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import posixpath
@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -40,7 +41,6 @@ from gradyard.checkpoint.format import (
     CHECKPOINTS, FORMAT_VERSION, MANIFEST, PARTIAL_PREFIX, CheckpointInfo, COMPLETE,
 )
 from gradyard.storage import DEFAULT, RetryPolicy, Storage, dumps, sync_dir, write_local_durably
-from gradyard.storage import retry
 
 log = logging.getLogger("gradyard.checkpoint")
 
@@ -141,14 +141,7 @@ def write_checkpoint(storage: Storage, snap: Snapshot, dirname: str,
             shutil.rmtree(partial, ignore_errors=True)
             raise
     else:
-        for name, obj in snap.files.items():
-            buf = io.BytesIO()
-            files[name] = _serialise(obj, buf)
-            data = buf.getvalue()
-            path = posixpath.join(final, name)
-            # pipe_file: one PUT (or one multipart upload) per file, no buffered-file machinery.
-            retry.call(lambda path=path, data=data: storage.fs.pipe_file(path, data),
-                       what=f"upload {name} (step {snap.step})", policy=policy)
+        _upload_overlapped(storage, snap, final, files, policy)
         manifest = _manifest(snap, files)
         before_publish()
         if not storage.create_exclusive(posixpath.join(final, MANIFEST), dumps(manifest), policy):
@@ -158,6 +151,37 @@ def write_checkpoint(storage: Storage, snap: Snapshot, dirname: str,
                           metrics=dict(snap.manifest.get("metrics") or {}),
                           run_id=snap.manifest.get("run_id"), attempt=snap.manifest.get("attempt"),
                           files=files, verified=True)
+
+
+def _upload_overlapped(storage: Storage, snap: Snapshot, final: str, files: dict[str, dict],
+                       policy: RetryPolicy) -> None:
+    """Upload each file as ``torch.save`` writes it, and serialise the next while the last finishes.
+
+    Each full part of a file goes up while the rest of it is serialised (a multipart upload,
+    :class:`gradyard.storage.transfer.PartUpload`), so host memory holds a few parts per file,
+    never a file's serialised bytes whole.  The first failure is raised once every started upload
+    has ended; nothing of a failed upload becomes visible.
+    """
+    streams = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradyard-ckpt-finish") as pool:
+        finishing: Optional[Future] = None
+        try:
+            for name, obj in snap.files.items():
+                stream = storage.open_upload(posixpath.join(final, name), policy)
+                streams.append(stream)
+                files[name] = _serialise(obj, stream)
+                if finishing is not None:
+                    finishing.result()
+                finishing = pool.submit(stream.close)  # its last parts and the completion
+            if finishing is not None:
+                finishing.result()
+        except BaseException:
+            if finishing is not None:
+                finishing.cancel()
+            pool.shutdown(wait=True)
+            for stream in streams:
+                stream.abort()
+            raise
 
 
 def _manifest(snap: Snapshot, files: dict[str, dict]) -> dict:

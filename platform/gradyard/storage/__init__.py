@@ -19,9 +19,11 @@ from gradyard.storage.core import (
 )
 from gradyard.storage.redact import redact, redact_tree, register_secret
 from gradyard.storage.retry import DEFAULT, PATIENT, RetryPolicy, TransientStorageError, is_transient
+from gradyard.storage.transfer import SizeMismatch, Transfer
 
 __all__ = [
-    "DEFAULT", "PATIENT", "RecordError", "RetryPolicy", "Storage", "StorageError", "TransientStorageError",
+    "DEFAULT", "PATIENT", "RecordError", "RetryPolicy", "SizeMismatch", "Storage", "StorageError", "Transfer",
+    "TransientStorageError",
     "check_storage", "dumps", "is_transient", "open_storage", "redact", "redact_tree", "register_secret",
     "resolve_endpoint", "storage_from_spec", "sync_dir", "write_local_atomically", "write_local_durably",
 ]

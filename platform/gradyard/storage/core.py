@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from gradyard.storage import retry
+from gradyard.storage import transfer as _transfer
 from gradyard.storage.redact import redact
 from gradyard.storage.urls import problem, scheme
 
@@ -52,6 +53,8 @@ class Storage:
     """The location as the user wrote it, for messages."""
     endpoint_url: Optional[str] = None
     region: Optional[str] = None
+    transfer: _transfer.Transfer = _transfer.Transfer()
+    """Part size and parts in flight of large reads and writes (:mod:`gradyard.storage.transfer`)."""
 
     @property
     def is_local(self) -> bool:
@@ -69,7 +72,7 @@ class Storage:
 
     def child(self, *parts: str) -> "Storage":
         return Storage(self.fs, self.join(*parts), self.url.rstrip("/") + "/" + "/".join(parts),
-                       self.endpoint_url, self.region)
+                       self.endpoint_url, self.region, self.transfer)
 
     def spec(self) -> dict:
         """What a worker needs to rebuild this storage (no credentials).
@@ -118,14 +121,26 @@ class Storage:
 
         Local disk: a temporary file in the same folder, synced, then ``os.replace``d
         over ``path`` (and the folder synced).  Object storage: one PUT (or one
-        multipart upload), which S3 makes visible only once complete.
+        multipart upload of concurrent parts), which S3 makes visible only once complete.
         """
         if self.is_local:
             retry.call(lambda: _named(path, write_local_atomically, path, data),
                        what=f"write {self._shown_path(path)}", policy=policy)
         else:
-            retry.call(lambda: self.fs.pipe_file(path, data), what=f"write {self._shown_path(path)}",
-                       policy=policy)
+            _transfer.upload(self, path, data, policy)
+
+    def open_upload(self, path: str, policy: retry.RetryPolicy = retry.DEFAULT) -> "_transfer.PartUpload":
+        """A write-only stream to the object at ``path`` (S3): parts upload as they fill, the object
+        appears whole at ``close()`` (see :class:`gradyard.storage.transfer.PartUpload`)."""
+        return _transfer.PartUpload(self, path, policy)
+
+    def read_hashed(self, path: str, size: int, policy: retry.RetryPolicy = retry.DEFAULT) -> tuple[bytes, str]:
+        """(the ``size`` bytes at ``path``, their sha256), read once, in concurrent parts on S3.
+
+        FileNotFoundError when there is none; :class:`~gradyard.storage.transfer.SizeMismatch`
+        when the object has another size (see :func:`gradyard.storage.transfer.read_hashed`).
+        """
+        return _transfer.read_hashed(self, path, size, policy)
 
     def create_exclusive(self, path: str, data: bytes, policy: retry.RetryPolicy = retry.DEFAULT) -> bool:
         """Write ``data`` at ``path`` only if nothing is there; False when something already was.
