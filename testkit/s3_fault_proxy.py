@@ -13,8 +13,12 @@ Modes, switchable while it runs:
 
 Counters (``requests``, ``failed``, ``forwarded``, ``methods`` and
 ``bytes_out``, the bytes of GET answers) let tests check that faults really
-happened and which requests a client made; ``uploading`` is set while a PUT
-is being forwarded.  Binds to 127.0.0.1 only.
+happened and which requests a client made; ``log`` lists every forwarded
+request (method, path without the query, its ``Range`` header, status, the
+bytes answered).  ``uploading`` is set while a PUT is being forwarded; with
+``hold_uploads`` set, PUTs wait at the proxy (counted as uploading) until
+``release`` is set, so a test can see what a client does while its upload is
+in flight.  Binds to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -23,8 +27,25 @@ import http.client
 import random
 import threading
 from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
+
+HOLD_LIMIT_S = 60.0
+"""A held PUT goes on after this long even unreleased, so a client that never releases it is not stuck."""
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    method: str
+    path: str
+    """The request's path (``/bucket/key``), without the query."""
+    range: Optional[str]
+    status: int
+    nbytes: int
+    """Bytes of the answer's body."""
+
 
 _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 
@@ -45,6 +66,9 @@ class FaultProxy:
         self.requests = self.failed = self.forwarded = self.bytes_out = 0
         self.uploads_in_flight = 0
         self.uploading = threading.Event()
+        self.hold_uploads = False
+        self.release = threading.Event()
+        self.log: list[Forwarded] = []
         self.manifests = 0
         """Checkpoint manifests PUT (each one a published checkpoint)."""
         self.methods: Counter[str] = Counter()
@@ -98,6 +122,8 @@ class FaultProxy:
                 upload = self.command == "PUT" and len(body) > 0
                 if upload:
                     proxy._upload(+1)
+                    if proxy.hold_uploads:
+                        proxy.release.wait(HOLD_LIMIT_S)
                 try:
                     conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()
@@ -113,6 +139,8 @@ class FaultProxy:
                         proxy.manifests += 1
                     if self.command == "GET":
                         proxy.bytes_out += len(data)
+                    proxy.log.append(Forwarded(self.command, self.path.split("?", 1)[0],
+                                               self.headers.get("Range"), resp.status, len(data)))
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     # HEAD answers carry the object's length with no body: pass it on.

@@ -226,7 +226,8 @@ def test_a_final_checkpoint_that_cannot_be_written_fails_the_run(s3, request):
 
 def test_resume_retries_reads_and_reads_the_chosen_checkpoint_once(s3):
     """Finding 6: one S3 503 during resume cost a restart; resume hashed every retained checkpoint in
-    full, then read the chosen one again.  Now: retried, and each byte of the chosen one read once."""
+    full, then read the chosen one again.  Now: retried, each byte of the chosen one read once (counted
+    from the HTTP traffic), and of the other retained checkpoints nothing but their manifests."""
     url = f"s3://gradyard-test/resume-{time.time_ns()}"
     with FaultProxy(s3.endpoint, seed=3) as proxy:
         over = [f"storage.endpoint_url={proxy.endpoint}", "checkpoint.every_steps=5", "checkpoint.keep=4"]
@@ -234,16 +235,93 @@ def test_resume_retries_reads_and_reads_the_chosen_checkpoint_once(s3):
         direct = open_storage(url + "/circles", endpoint_url=s3.endpoint)
         infos = [i for i in list_checkpoints(direct) if i.status == COMPLETE]
         assert len(infos) >= 4
-        newest = infos[-1].size_bytes
         proxy.fail_rate, proxy.fail_methods, proxy.fail_kinds = 0.3, {"GET"}, ("503", "drop")
-        before_bytes, before_failed = proxy.bytes_out, proxy.failed
+        before_failed, before_log = proxy.failed, len(proxy.log)
         again = train(None, "schedule.epochs=2", *over, storage=_run(url, proxy),
                       callbacks=[StopFaultsAtFirstStep(proxy)])
+        resume_reads = [r for r in proxy.log[before_log:] if r.method == "GET" and "/checkpoints/" in r.path]
     assert again["resumed_from_step"] == first["steps"] and again["status"] == "succeeded"
     assert proxy.failed > before_failed, "no read failed: the test tested nothing"
-    read = proxy.bytes_out - before_bytes
-    # The chosen checkpoint's bytes, plus small JSON records (manifests, attempts, lease): not 4 checkpoints.
-    assert newest <= read < newest + 20_000, (read, newest)
+    chosen = infos[-1]
+    read = bytes_read_by_file(resume_reads)
+    prefix = "/gradyard-test/" + chosen.path.split("/", 1)[1] + "/"
+    for name, meta in chosen.files.items():
+        assert read.pop(prefix + name) == [(0, meta["size"])], f"{name} not read exactly once"
+    # What is left: the manifests (the listing reads each once), and nothing else of any checkpoint.
+    assert all(path.endswith("/manifest.json") for path in read), sorted(read)
+
+
+def bytes_read_by_file(reads) -> dict[str, list[tuple[int, int]]]:
+    """path -> the byte ranges [start, end) its successful GETs answered, merged where they touch:
+    each byte read once shows as one range, a byte read twice as an overlap (raised here)."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for r in reads:
+        assert r.status in (200, 206), r
+        start = int(r.range.split("=")[1].split("-")[0]) if r.range else 0
+        spans.setdefault(r.path, []).append((start, start + r.nbytes))
+    merged = {}
+    for path, ranges in spans.items():
+        out: list[tuple[int, int]] = []
+        for a, b in sorted(ranges):
+            assert not out or a >= out[-1][1], f"{path}: bytes {a}-{min(b, out[-1][1])} read twice"
+            out[-1:] = [(out[-1][0], b)] if out and a == out[-1][1] else [*out[-1:], (a, b)]
+        merged[path] = out
+    return merged
+
+
+def test_s3_files_upload_in_parts_beside_serialising_and_resume_reads_them_in_parts_once(s3, monkeypatch):
+    """Issue 21: the writer serialised a file, hashed it, uploaded it whole, then began the next; resume
+    read each file in one GET.  Now each file goes up in concurrent multipart parts while the next one
+    is serialised, each part retried alone, and resume reads a file as concurrent ranged GETs, each byte
+    once, hashing the bytes it loads."""
+    import dataclasses
+
+    import gradyard.checkpoint.writer as writer
+    from gradyard.checkpoint.format import load_blobs, read_verified
+    from gradyard.storage import Transfer
+
+    part = 5 * 2**20  # S3's smallest part
+    tensors = {n: torch.arange(3_000_000, dtype=torch.float32) * i for i, n in enumerate(("model", "optim"), 1)}
+    snap = writer.Snapshot(step=1, epoch=0, files={"model.pt": {"w": tensors["model"]},
+                                                   "optimizer.pt": {"m": tensors["optim"]}, "state.pt": {"s": 1}},
+                           manifest={"run_id": "r"})
+    uploading_while_serialising: list[bool] = []
+    real = writer._serialise
+
+    def serialise(obj, out):
+        if obj is snap.files["optimizer.pt"]:  # model.pt's upload is held at the proxy: in flight now?
+            uploading_while_serialising.append(proxy.uploading.wait(30))
+            proxy.release.set()
+        return real(obj, out)
+
+    monkeypatch.setattr(writer, "_serialise", serialise)
+    url = f"s3://gradyard-test/parts-{time.time_ns()}"
+    with FaultProxy(s3.endpoint, seed=5) as proxy:
+        storage = dataclasses.replace(open_storage(url, endpoint_url=proxy.endpoint),
+                                      transfer=Transfer(part_size=part, concurrency=4))
+        proxy.hold_uploads, proxy.throttle_first = True, 1  # each object's first PUT: 503 SlowDown
+        info = writer.write_checkpoint(storage, snap, "step_000000001")
+        writes = [r for r in proxy.log if r.method in ("PUT", "POST")]
+        proxy.hold_uploads = False
+        assert uploading_while_serialising == [True], "optimizer.pt was serialised with no upload in flight"
+        model = f"/gradyard-test/{url.split('/', 3)[3]}/checkpoints/step_000000001/model.pt"
+        assert [r.method for r in writes if r.path == model] == ["POST", "PUT", "PUT", "POST"], \
+            "model.pt: start, two parts, complete"
+        assert proxy.failed >= 3, "no part was retried: the test tested nothing"
+        direct = open_storage(url, endpoint_url=s3.endpoint)
+        assert [i.status for i in list_checkpoints(direct, deep=True)] == [COMPLETE]
+
+        proxy.fail_rate, proxy.fail_methods, proxy.fail_kinds = 0.3, {"GET"}, ("503", "drop")
+        failed, first = proxy.failed, len(proxy.log)
+        blobs = read_verified(storage, info)
+        reads = [r for r in proxy.log[first:] if r.method == "GET"]
+    assert proxy.failed > failed, "no read failed: the test tested nothing"
+    loaded = load_blobs(blobs)
+    assert torch.equal(loaded["model.pt"]["w"], tensors["model"]) and torch.equal(loaded["optimizer.pt"]["m"],
+                                                                                   tensors["optim"])
+    assert len([r for r in reads if r.path == model]) == 3, "12 MB in ranged parts of 5 MiB"
+    read = bytes_read_by_file(reads)
+    assert read == {f"{model.rsplit('/', 1)[0]}/{n}": [(0, m["size"])] for n, m in info.files.items()}
 
 
 class StopFaultsAtFirstStep(Callback):
