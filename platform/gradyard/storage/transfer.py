@@ -102,7 +102,7 @@ class PartUpload:
                           what=f"{what} {self._shown}", policy=self.policy)
 
     def write(self, data) -> int:
-        n = len(data)
+        n = memoryview(data).nbytes
         self._buf += data
         self.size += n
         while len(self._buf) >= 2 * self._part:
