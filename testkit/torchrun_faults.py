@@ -39,19 +39,23 @@ def main() -> int:
 
 
 def _stale_reads(step: int) -> None:
-    """Every read of that checkpoint's model.pt by this process returns it with one byte flipped."""
+    """Every read of that checkpoint's model.pt by this process returns it with one byte flipped
+    (and, as a lagging copy would, hashes to those bytes)."""
+    import hashlib
+
     from gradyard.storage import Storage
 
-    read = Storage.read_bytes
+    read = Storage.read_hashed
     name = f"step_{step:09d}"
 
     def stale(self, path, *a, **kw):
-        data = read(self, path, *a, **kw)
+        data, digest = read(self, path, *a, **kw)
         if f"/{name}" in path and path.endswith("/model.pt"):
             data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
-        return data
+            digest = hashlib.sha256(data).hexdigest()
+        return data, digest
 
-    Storage.read_bytes = stale
+    Storage.read_hashed = stale
 
 
 if __name__ == "__main__":
