@@ -4,8 +4,8 @@
 
 The same bytes (an AlexNet state_dict and its SGD momentum, serialised once) go up through each
 candidate in interleaved rounds (the order rotates each round); each candidate's rate is paired
-with the plain s3fs ``put`` of the same files in the same round, and the paired ratios get a
-median and a bootstrap 95% interval.  ``gradyard_writer`` is the real checkpoint writer, serialise
+with the plain s3fs ``put`` of the same files in the same round, and the paired ratios get
+bench/stats.py's estimate and 95% interval (the bench's one statistics).  ``gradyard_writer`` is the real checkpoint writer, serialise
 and sha256 included.  obstore and s3torchconnector are measured only where they are installed
 (they are not gradyard dependencies: ``pip install obstore s3torchconnector``).
 """
@@ -23,6 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "platform")]
+
+from bench.report import cell  # noqa: E402 - after the path
+from bench.stats import paired, ratio  # noqa: E402
 
 BUCKET = "gradyard-transports"
 PART = 16 * 2**20
@@ -133,26 +136,13 @@ def main() -> int:
                   + " MB/s", flush=True)
         store.close()
     print(f"\n{total / 1e6:.0f} MB per round, {args.rounds} rounds; ratio = candidate / s3fs put, same round")
-    print("| candidate | MB/s, median | ratio, median [95% CI] | client CPU-s | S3 server CPU-s |")
+    print("| candidate | MB/s, median | ratio [95% interval], verdict against 1.0 | client CPU-s | S3 server CPU-s |")
     print("|---|---|---|---|---|")
     for n in names:
-        ratios = [a / b for a, b in zip(rate[n], rate["s3fs_put"])]
-        print(f"| {n} | {statistics.median(rate[n]) / 1e6:.0f} | {statistics.median(ratios):.2f} {_ci(ratios)} | "
+        r = ratio(paired(rate[n], rate["s3fs_put"]), 1.0)
+        print(f"| {n} | {statistics.median(rate[n]) / 1e6:.0f} | {cell(r)} {r['verdict']} | "
               f"{statistics.median(client_cpu[n]):.2f} | {statistics.median(server_cpu[n]):.2f} |")
     return 0
-
-
-def _ci(ratios: list[float]) -> str:
-    if len(set(ratios)) < 2:
-        return ""
-    try:
-        import numpy as np
-        from scipy.stats import bootstrap
-    except ImportError:
-        return "(no scipy: no interval)"
-    ci = bootstrap((np.array(ratios),), np.median, confidence_level=0.95, n_resamples=9999,
-                   method="percentile", random_state=0).confidence_interval
-    return f"[{ci.low:.2f}, {ci.high:.2f}]"
 
 
 if __name__ == "__main__":
