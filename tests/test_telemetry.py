@@ -12,6 +12,7 @@ import ctypes
 import json
 import math
 import os
+import queue
 import re
 import shutil
 import signal
@@ -26,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -169,8 +171,34 @@ def test_union_and_overlap():
     # Serialised buckets: the second waits for the first, its own time is after.
     stats = comm_stats({0: (0.0, 2.0, 1), 1: (1.0, 3.0, 1)}, world_size=2)
     assert stats.bucket_seconds == {0: pytest.approx(2.0), 1: pytest.approx(1.0)}
+    # One bucket (a small model's): the last one is ready when compute ends, so all of it is exposed.
+    stats = comm_stats({0: (1.0, 1.5, 200)}, world_size=2)
+    assert (stats.seconds, stats.exposed_seconds, stats.overlap_ratio) == (0.5, 0.5, 0.0)
+    assert stats.bucket_seconds == {0: 0.5} and stats.algbw == stats.busbw == 400.0
     assert bus_bandwidth(10.0, 1) == 0.0
     assert bus_bandwidth(10.0, 8) == pytest.approx(17.5)
+
+
+@pytest.mark.unit
+def test_per_step_writes_reach_prometheus_when_published():
+    """add() sums and put() keeps the latest until publish() hands them to prometheus_client at once."""
+    m = TelemetryMetrics()
+    m.bind(CPU_IDENTITY)
+    for secs in (0.25, 0.5):
+        m.add(m.step_seconds, secs)
+        m.add(m.phase_seconds, secs, "data")
+        m.put(m.algbw, secs * 4)
+    assert sample(m, "gradyard_step_seconds_total") is None  # not yet published
+    m.publish()
+    assert sample(m, "gradyard_step_seconds_total") == 0.75
+    assert sample(m, "gradyard_step_phase_seconds_total", phase="data") == 0.75
+    assert sample(m, "gradyard_allreduce_algbw_bytes_per_second") == 2.0
+    m.add(m.step_seconds, 1.0)
+    m.publish_due()  # the first call is due; the interval starts from it
+    assert sample(m, "gradyard_step_seconds_total") == 1.75
+    m.add(m.step_seconds, 1.0)
+    m.publish()
+    assert sample(m, "gradyard_step_seconds_total") == 2.75
 
 
 @pytest.mark.unit
@@ -791,6 +819,81 @@ def _worker(rank: int, world_size: int, rdzv: str, sd_dir: str, run_dir: str, tr
             rank=rank, world=world_size, node=f"node-{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def _sync_worker(rank: int, world: int, precisions: tuple, rdzv: str, root: str, results) -> None:
+    """Every rank trains the same tiny job with the telemetry's comm hook and with DDP's default hook."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rdzv, rank=rank, world_size=world)
+    try:
+        out = {}
+        for precision in precisions:
+            for arm in ("on", "off"):
+                spec = make_spec(name=f"sync-{precision}-{arm}", steps=6, precision=precision, world=world,
+                                 checkpoint_every=100)
+                callbacks = [GradSyncMonitor(TelemetryMetrics())] if arm == "on" else []
+                trainer = fit(spec, callbacks, Path(root) / f"{precision}-{arm}-{rank}", rank=rank, world=world)
+                s = trainer.state
+                out[precision, arm] = {k: v.numpy().copy() for k, v in s.model.state_dict().items()}
+                if arm == "on":
+                    out["loss_divisor", precision] = getattr(s, "loss_divisor", None)
+                if world == 2 and precision == "fp32" and arm == "on":
+                    # The hook itself sums: a backward that is not seeded with 1/world_size gets the sum.
+                    x = torch.full((4, *s.info.input_shape), float(rank + 1))
+                    s.ddp_model(x).sum().backward()
+                    out["hook_grad"] = [p.grad.numpy().copy() for p in s.model.parameters()]
+                    s.model.zero_grad(set_to_none=True)
+                    s.model(x).sum().backward()
+                    out["local_grad"] = [p.grad.numpy().copy() for p in s.model.parameters()]
+        results.put((rank, out))  # numpy: torch tensors would travel as shared memory this process frees
+    finally:
+        dist.destroy_process_group()
+
+
+def _sync_run(tmp_path: Path, world: int, precisions: tuple) -> dict:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_sync_worker, args=(r, world, precisions, f"file://{tmp_path / f'rdzv{world}'}",
+                                                     str(tmp_path / f"w{world}"), results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got: dict = {}
+    try:
+        deadline = time.monotonic() + 240
+        while len(got) < world and time.monotonic() < deadline:
+            assert all(p.exitcode in (None, 0) for p in procs), [p.exitcode for p in procs]
+            try:
+                rank, out = results.get(timeout=2)
+                got[rank] = out
+            except queue.Empty:
+                pass
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0] * world and len(got) == world
+    return got
+
+
+def test_comm_hook_sums_and_training_is_bitwise_ddps_default(tmp_path):
+    """With the telemetry's comm hook gloo ranks train to the same bits as with DDP's default averaging:
+    2 ranks in fp32 (the hook only sums; the backward is seeded with 1/2) and in fp16 with the
+    GradScaler, 3 ranks in fp32 (the hook scales the bucket by 1/3, as DDP does)."""
+    two, three = _sync_run(tmp_path, 2, ("fp32", "fp16")), _sync_run(tmp_path, 3, ("fp32",))
+    for got, precisions in ((two, ("fp32", "fp16")), (three, ("fp32",))):
+        for rank, out in got.items():
+            for precision in precisions:
+                on, off = out[precision, "on"], out[precision, "off"]
+                for k in off:
+                    assert on[k].tobytes() == off[k].tobytes(), (len(got), rank, precision, k)
+    assert [two[r]["loss_divisor", "fp32"] for r in (0, 1)] == [2, 2]  # seeded: no pass over the bucket
+    assert two[0]["loss_divisor", "fp16"] == three[0]["loss_divisor", "fp32"] == 1
+    # Inputs of all 1s on rank 0 and all 2s on rank 1: the synced gradient is the sum of both ranks'.
+    for rank in (0, 1):
+        for synced, mine, theirs in zip(two[rank]["hook_grad"], two[rank]["local_grad"], two[1 - rank]["local_grad"]):
+            assert np.allclose(synced, mine + theirs, rtol=1e-5, atol=1e-6)
 
 
 def prometheus_binary() -> str:

@@ -93,6 +93,10 @@ class TrainState:
     """Steps whose update was skipped for a non-finite loss (failure.on_nonfinite: skip)."""
     timer: Optional[StepTimer] = None
     """The one step clock (:mod:`gradyard.steptime`): observers subscribe to its step times."""
+    loss_divisor: int = 1
+    """The backward is seeded with 1/loss_divisor instead of 1: the gradients of loss / loss_divisor,
+    at no extra op.  A DDP comm hook that sums the buckets without averaging them sets it to the
+    world size when it registers (telemetry's, :mod:`gradyard.telemetry.comm`)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -299,10 +303,11 @@ class Trainer:
         s.loss = loss
         self.fire(Event.AFTER_FORWARD)
         self.fire(Event.BEFORE_BACKWARD)
-        if s.scaler is not None:
-            s.scaler.scale(loss).backward()
+        scaled = s.scaler.scale(loss) if s.scaler is not None else loss
+        if s.loss_divisor == 1:
+            scaled.backward()
         else:
-            loss.backward()
+            scaled.backward(torch.full_like(scaled, 1.0 / s.loss_divisor))
         self.fire(Event.AFTER_BACKWARD)
         self.fire(Event.BEFORE_OPTIMIZER)
         skipped = self.guard.mode == "skip" and self.guard.skip(loss)

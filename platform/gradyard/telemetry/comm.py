@@ -12,10 +12,19 @@ hand-over to gloo's thread each step).  On CUDA both marks are CUDA events (the 
 runs with a current stream that waits for the NCCL kernel), so the hook adds
 no CPU-GPU sync.  The cost is one Python call per bucket per step.
 
-The hook is the default allreduce hook plus the marks: the bucket buffer is
-divided by the world size first (as ``default_hooks.allreduce_hook`` does, to
-avoid fp16 overflow) and summed with ``dist.all_reduce``.
-
+The hook sums the bucket (the group's own allreduce) and, where it can, does
+not touch it otherwise: a division is one more pass over every gradient byte,
+each step.  The average comes from the backward instead: the hook sets the
+trainer's ``TrainState.loss_divisor`` to the world size, and the trainer
+seeds the backward with 1/world_size instead of 1 (no extra op), so every
+gradient arrives in the bucket already divided.  Training stays bitwise what
+it is with DDP's default hook (which multiplies each gradient by
+1/world_size as it copies it into the bucket) only where scaling commutes with
+every rounding of the backward, which a power of two does.  So the hook
+multiplies the bucket by 1/world_size itself, DDP's own operation, for any
+other world size, and under fp16's GradScaler, where a backward at
+1/world_size of the scaler's scale would overflow (and skip steps) where DDP's
+does not.
 Per step (see :func:`comm_stats`): allreduce seconds are the union of the
 bucket intervals [ready, done]; bytes are the bucket buffers' bytes (equal to
 the model's gradient bytes); algbw = bytes / seconds and busbw = algbw *
@@ -94,6 +103,12 @@ class CommStats:
 
 def comm_stats(intervals: dict[int, tuple[float, float, int]], world_size: int) -> CommStats:
     """Stats of one step from {bucket: (ready_s, done_s, bytes)}, times on any common origin."""
+    if len(intervals) == 1:  # a small model's one bucket, every step: all of it is exposed
+        ((idx, (ready, done, nbytes)),) = intervals.items()
+        seconds = max(0.0, done - ready)
+        algbw = nbytes / seconds if seconds > 0 else 0.0
+        return CommStats(seconds=seconds, bytes=nbytes, bucket_seconds={idx: seconds}, overlap_ratio=0.0,
+                         exposed_seconds=seconds, algbw=algbw, busbw=bus_bandwidth(algbw, world_size))
     spans = [(r, d) for r, d, _ in intervals.values()]
     seconds = union_seconds(spans)
     compute_end = max(r for r, _ in spans)
@@ -122,7 +137,7 @@ class GradSyncMonitor(Callback):
 
     name = "grad_sync"
     critical = False
-    events = frozenset((Event.FIT_START,))
+    events = frozenset((Event.FIT_START, Event.FIT_END))
 
     def __init__(self, metrics: TelemetryMetrics):
         self.metrics = metrics
@@ -131,12 +146,15 @@ class GradSyncMonitor(Callback):
         self._world_size = 1
         self._clock = None
         self._wait_last = False
+        self._scale: Optional[float] = None
         self._current = CommRecord()
         self._warned = False
 
     def on_event(self, event: Event, state: Any) -> None:
         if event is Event.FIT_START:
             self._start(state)
+        elif event is Event.FIT_END:  # the step timer has resolved the last steps first
+            self.metrics.publish()
 
     def _start(self, state: Any) -> None:
         self.metrics.bind(identity_labels(state))
@@ -148,23 +166,30 @@ class GradSyncMonitor(Callback):
         self._clock = clock_for(state.device)
         self._wait_last = state.device.type == "cpu"
         self.expected_bytes = gradient_bytes(state.model)
+        group = ddp.process_group if ddp.process_group is not None else dist.group.WORLD
+        n = group.size()
+        # Where seeding the backward would not be bitwise DDP's average, the bucket is scaled here.
+        seeded = state.scaler is None and n & (n - 1) == 0
+        self._scale = None if seeded else 1.0 / n
         try:
-            ddp.register_comm_hook(ddp.process_group, self._hook)
+            ddp.register_comm_hook(group, self._hook)
         except RuntimeError as exc:  # another hook is registered already (e.g. compression)
             log.warning("gradient-sync telemetry off: cannot register the DDP comm hook (%s)", exc)
             return
+        if seeded:
+            state.loss_divisor = n  # the hook sums: the trainer's backward averages
         self.active = True
         state.timer.attach_comm(self)
 
     # No annotations: DDP inspects them, and under `from __future__ import
     # annotations` they are strings it rejects.
-    def _hook(self, process_group, bucket):
+    def _hook(self, group, bucket):
         clock = self._clock
         buffer = bucket.buffer()
-        record = _Bucket(bucket.index(), buffer.numel() * buffer.element_size(), clock.mark())
+        record = _Bucket(bucket.index(), buffer.nbytes, clock.mark())
         self._current.buckets.append(record)
-        group = process_group if process_group is not None else dist.group.WORLD
-        buffer.div_(group.size())
+        if self._scale is not None:
+            buffer.mul_(self._scale)  # as DDP's default does, bit for bit (not div_, which rounds otherwise)
         # The group's own allreduce (SUM by default), not dist.all_reduce, whose
         # Python wrapper (argument checks, coalescing and logging wrappers)
         # costs ~30 us a call, as much as a small model's whole allreduce.
@@ -222,13 +247,14 @@ class GradSyncMonitor(Callback):
             log.warning("allreduced %d bytes in a step, the model has %d gradient bytes",
                         stats.bytes, self.expected_bytes)
         m = self.metrics
-        m.child(m.allreduce_seconds).inc(stats.seconds)
-        m.child(m.allreduce_bytes).inc(stats.bytes)
-        m.child(m.allreduce_step_bytes).set(stats.bytes)
+        m.add(m.allreduce_seconds, stats.seconds)
+        m.add(m.allreduce_bytes, stats.bytes)
+        m.put(m.allreduce_step_bytes, stats.bytes)
         for idx, secs in stats.bucket_seconds.items():
-            m.child(m.allreduce_bucket_seconds, bucket=str(idx)).inc(secs)
+            m.add(m.allreduce_bucket_seconds, secs, str(idx))
         if stats.seconds > 0:
-            m.child(m.algbw).set(stats.algbw)
-            m.child(m.busbw).set(stats.busbw)
-            m.child(m.overlap).set(stats.overlap_ratio)
+            m.put(m.algbw, stats.algbw)
+            m.put(m.busbw, stats.busbw)
+            m.put(m.overlap, stats.overlap_ratio)
+        m.publish_due()
         return stats

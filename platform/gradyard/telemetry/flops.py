@@ -120,7 +120,7 @@ class FlopsMonitor(Callback):
 
     name = "flops_monitor"
     critical = False
-    events = frozenset((Event.BEFORE_DATA, Event.BEFORE_FORWARD, Event.AFTER_BACKWARD, Event.FIT_START))
+    events = frozenset((Event.BEFORE_FORWARD, Event.AFTER_BACKWARD, Event.FIT_START, Event.FIT_END))
 
     def __init__(self, metrics: TelemetryMetrics, every: int = 500, peak_profile: Any = None, window: int = 50):
         if every < 1:
@@ -137,11 +137,9 @@ class FlopsMonitor(Callback):
         self._device_type = "cpu"
 
     def on_event(self, event: Event, state: Any) -> None:
-        if event is Event.BEFORE_DATA:
-            self.measured_this_step = False
-        elif event is Event.BEFORE_FORWARD:
-            if self.step_flops is None or state.step % self.every == 0:
-                self.measured_this_step = True
+        if event is Event.BEFORE_FORWARD:
+            self.measured_this_step = self.step_flops is None or state.step % self.every == 0
+            if self.measured_this_step:
                 state.timer.disturb()
                 self._mode = CensusMode()
                 self._mode.__enter__()
@@ -149,6 +147,8 @@ class FlopsMonitor(Callback):
             self._stop()
         elif event is Event.FIT_START:
             self._start(state)
+        elif event is Event.FIT_END:  # the step timer has resolved the last steps first
+            self.metrics.publish()
 
     def _start(self, state: Any) -> None:
         m = self.metrics
@@ -179,9 +179,10 @@ class FlopsMonitor(Callback):
             return
         m = self.metrics
         achieved = self.step_flops / mean
-        m.child(m.achieved_flops).set(achieved)
+        m.put(m.achieved_flops, achieved)
         if self.peak:
-            m.child(m.mfu).set(achieved / self.peak)
+            m.put(m.mfu, achieved / self.peak)
+        m.publish_due()
 
     def state_dict(self) -> dict[str, Any]:
         return {"window": list(self.window)}

@@ -7,6 +7,15 @@ counters that PromQL can ``rate()`` (seconds per second of wall time is the
 share of time, divided by the step rate it is seconds per step); gauges hold
 values that are only meaningful as "the latest".
 
+Per-step series are not written to prometheus_client every step: a labelled
+child's ``inc`` takes a lock and a few Python calls, and a small model's step
+has a dozen such writes, a measurable share of it.  Writers :meth:`add` to a
+counter or :meth:`put` a gauge's latest value in a plain dict, and
+:meth:`publish_due` hands the sums to prometheus_client at most every
+:data:`PUBLISH_EVERY_S` seconds (and :meth:`publish` at once, at FIT_END), so a
+scrape sees the training at most that much late.  Everything runs on the
+training thread; the exporter's thread only reads prometheus_client's values.
+
 A series that cannot be measured is *absent*, never zero: the labelled
 children of a metric only appear once a value is set.  The GPU readings taken
 at scrape time (memory, NVML) live in :mod:`gradyard.telemetry.resources`.
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any, Mapping, Optional
 
 import torch
@@ -44,6 +54,10 @@ Never ``job`` or ``instance``: those are Prometheus' own (scrape job and target)
 EVIDENCE_UNITS = tuple(sorted({u for u in NUMBER_UNITS.values() if u is not None}))
 """One ``gradyard_regime_evidence_<unit>{key}`` metric per unit of the verdict's evidence
 (:data:`gradyard.analysis.verdict.NUMBER_UNITS` says which key has which)."""
+
+PUBLISH_EVERY_S = 1.0
+"""The longest a per-step series waits in :class:`TelemetryMetrics` before prometheus_client has
+it: well under Prometheus' scrape interval (5 s in deploy/prometheus/prometheus.yml)."""
 
 # Checkpoint stalls range from milliseconds (async snapshot) to minutes (a
 # blocking upload of a large model).
@@ -83,7 +97,10 @@ class TelemetryMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.identity: Optional[dict[str, str]] = None
         self._regime: Optional[str] = None
-        self._children: dict[tuple, Any] = {}
+        self._children: dict[Any, Any] = {}
+        self._adds: dict[Any, float] = {}
+        self._puts: dict[Any, float] = {}
+        self._publish_at = 0.0
         self._evidence_keys: list[tuple[str, str]] = []
         r, L = self.registry, IDENTITY_LABELS
 
@@ -188,15 +205,49 @@ class TelemetryMetrics:
         Called several times a step: the labelled child is looked up once and
         kept (``labels()`` validates and locks on every call; a dict hit does not).
         """
-        key = (metric, *extra.values()) if extra else metric
+        return self._child((metric, *extra.values()) if extra else metric)
+
+    def _child(self, key: Any):
+        """The child of ``key``: a metric, or (metric, extra label values in the metric's order)."""
         try:
             return self._children[key]
         except KeyError:
             pass
         if self.identity is None:
             raise RuntimeError("TelemetryMetrics.bind() has not been called (FIT_START not seen)")
-        child = self._children[key] = metric.labels(**self.identity, **extra)
+        metric, extra = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        child = self._children[key] = metric.labels(*self.identity.values(), *extra)
         return child
+
+    # ------------------------------------------------------------ per-step writes (see the module docstring)
+
+    def add(self, metric, amount: float, *extra: str) -> None:
+        """Add ``amount`` to counter ``metric`` (its extra label values in order) at the next publish."""
+        key = (metric, *extra) if extra else metric
+        adds = self._adds
+        adds[key] = adds.get(key, 0.0) + amount
+
+    def put(self, metric, value: float, *extra: str) -> None:
+        """Set gauge ``metric`` to ``value`` at the next publish (the latest value wins)."""
+        self._puts[(metric, *extra) if extra else metric] = value
+
+    def publish_due(self) -> None:
+        """:meth:`publish` if :data:`PUBLISH_EVERY_S` passed since the last time."""
+        now = time.monotonic()
+        if now >= self._publish_at:
+            self._publish_at = now + PUBLISH_EVERY_S
+            self.publish()
+
+    def publish(self) -> None:
+        """Hand every pending addition and gauge value to prometheus_client now."""
+        adds, puts = self._adds, self._puts
+        if not adds and not puts:
+            return
+        self._adds, self._puts = {}, {}
+        for key, amount in adds.items():
+            self._child(key).inc(amount)
+        for key, value in puts.items():
+            self._child(key).set(value)
 
     # ------------------------------------------------------------ analysis
 

@@ -5,21 +5,24 @@ Checkpoint counts and stalls come from the checkpoint events themselves:
 good) counts it and records its stall; other ranks, which write nothing,
 record their own stall when the checkpoint is taken (``CHECKPOINT``).
 
-The loss is read without a CPU-GPU sync: at BATCH_END it is copied into
-pinned host memory with ``non_blocking=True`` and an event is recorded; a
-later BATCH_END reads the host copy once the event has completed.  (A plain
-``loss.item()`` would wait for every kernel queued so far.)
+The loss is read without a CPU-GPU sync, and only when the metrics are
+published (:meth:`TelemetryMetrics.publish_due`, about once a second): that
+BATCH_END's loss is copied into pinned host memory with ``non_blocking=True``
+and an event is recorded; a later publish reads the host copy once the event
+has completed.  (A plain ``loss.item()`` would wait for every kernel queued so
+far.)
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Optional
 
 import torch
 
 from gradyard.events import Callback, Event
-from gradyard.telemetry.metrics import TelemetryMetrics, identity_labels
+from gradyard.telemetry.metrics import PUBLISH_EVERY_S, TelemetryMetrics, identity_labels
 
 
 class _LossReader:
@@ -61,15 +64,20 @@ class ProgressMonitor(Callback):
         self.metrics = metrics
         self._loss: Optional[_LossReader] = None
         self._observer_errors = 0
+        self._loss_at = 0.0
 
     def on_event(self, event: Event, state: Any) -> None:
         m = self.metrics
         if event is Event.BATCH_END:
-            m.child(m.steps).inc()
-            m.child(m.samples).inc(int(state.batch_size))
-            self._loss.push(getattr(state, "loss", None))
-            self._export_loss()
-            self._observers(state)
+            m.add(m.steps, 1)
+            m.add(m.samples, state.batch_size)
+            now = time.monotonic()
+            if now >= self._loss_at:  # the loss of one step a publish interval
+                self._loss_at = now + PUBLISH_EVERY_S
+                self._loss.push(state.loss)
+                self._export_loss()
+                self._observers(state)
+            m.publish_due()
         elif event is Event.CHECKPOINT_SAVED:
             result = state.checkpoint_result
             m.child(m.checkpoints if result.ok else m.checkpoint_failures).inc()
@@ -82,8 +90,11 @@ class ProgressMonitor(Callback):
         elif event is Event.FIT_END:
             if self._loss is not None:
                 self._loss.poll(wait=True)
+                self._loss.push(state.loss)  # the last step's
+                self._loss.poll(wait=True)
                 self._export_loss()
             self._observers(state)
+            m.publish()
 
     def _start(self, state: Any) -> None:
         m = self.metrics
@@ -99,7 +110,7 @@ class ProgressMonitor(Callback):
 
     def _export_loss(self) -> None:
         if self._loss is not None and self._loss.value is not None and math.isfinite(self._loss.value):
-            self.metrics.child(self.metrics.loss).set(self._loss.value)
+            self.metrics.put(self.metrics.loss, self._loss.value)
 
     def _stall(self, blocked_s: float) -> None:
         m = self.metrics
@@ -113,4 +124,4 @@ class ProgressMonitor(Callback):
             return
         self._observer_errors = sum(errors.values())
         for name, n in errors.items():
-            self.metrics.child(self.metrics.observer_errors, component=name).set(n)
+            self.metrics.put(self.metrics.observer_errors, n, name)
