@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.contenders import Workload
-from bench.env import JOBS, PY, ROOT, SCRIPTS, machine
+from bench.env import JOBS, PY, ROOT, SCRIPTS, calibrate_once, machine
 from bench.report import cell
 from bench.stats import paired, ratio, summary
 
@@ -56,13 +56,15 @@ class Scraper:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(0.2):  # often: a short run serves its last figures only briefly
             try:
                 files = sorted(self.sd_dir.glob("*.json"))
                 target = json.loads(files[0].read_text())[0]["targets"][0] if files else None
                 if target:
                     with urllib.request.urlopen(f"http://{target}/metrics", timeout=2) as r:
-                        self.text = r.read().decode()
+                        text = r.read().decode()
+                    if "gradyard_mfu_ratio" in text or not self.text:  # keep the latest with MFU in it
+                        self.text = text
             except (OSError, ValueError, IndexError, KeyError):
                 pass  # not there yet, or gone: the last answer stands
 
@@ -174,12 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
     args = p.parse_args(argv)
-    rounds, steps = (1, 9) if args.dry else (args.rounds, args.steps)  # 7 warm-up steps, then the timed ones
+    # Dry: long enough that the worker publishes its metrics (about once a second) while it is scraped.
+    rounds, steps = (1, 30) if args.dry else (args.rounds, args.steps)
     if args.dry:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="gy-gpu-") as tmp:
         os.environ["GRADYARD_PROFILE_DIR"] = os.environ.get("GRADYARD_PROFILE_DIR", str(Path(tmp) / "profiles"))
+        # The device's calibrated peak before any run, as a machine that ran gradyard before has it:
+        # otherwise MFU appears only once a run's live analysis has calibrated, late in a short run.
+        calibrate_once()
         workloads = [measure(job, rounds, steps, 1 if args.dry else batch, args.dry, Path(tmp),
                              lambda m: print(m, flush=True)) for job, batch in WORKLOADS.items()]
         doc = {"generated_at": dt.datetime.now().isoformat(timespec="seconds"), "dry": args.dry,
