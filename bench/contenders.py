@@ -212,7 +212,7 @@ def read_summary(bench: Bench, storage: str, job_name: str, cleanup: bool = True
     with run.fs.open(run.join(job_name, "summary.json"), "rb") as f:
         summary = json.loads(f.read())
     if cleanup:  # the S3 server holds everything in memory; AlexNet checkpoints are large
-        run.fs.rm(run.root_path, recursive=True)
+        bench.remove(storage)
     return summary
 
 

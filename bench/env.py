@@ -156,14 +156,13 @@ class Bench:
             raise BenchError(f"{name}: job {sid} ended {status}\n{_tail(log)}")
 
     def remove(self, where: str) -> None:
-        """Delete a contender's checkpoints from the S3 server (it holds everything in memory);
-        local folders go with the bench's temp folder."""
-        if where.startswith("s3://"):
-            import s3fs
+        """Delete a contender's run or checkpoints, local or on the S3 server (which holds everything in
+        memory), through gradyard's storage seam."""
+        from gradyard.storage import open_storage
 
-            fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.s3.endpoint})
-            if fs.exists(where):
-                fs.rm(where, recursive=True)
+        run = open_storage(where, endpoint_url=self.s3.endpoint if where.startswith("s3://") else None)
+        if run.fs.exists(run.root_path):
+            run.fs.rm(run.root_path, recursive=True)
 
     def s3_cpu_seconds(self) -> float:
         """CPU seconds the S3 server has used so far (it shares this machine's cores)."""
