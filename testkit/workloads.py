@@ -136,3 +136,48 @@ def ddp_comm_probe(rank: int, world_size: int, port: int, numel: int, out_path: 
                 json.dump({"busbw": busbw, "record": record.to_dict()}, f)
     finally:
         dist.destroy_process_group()
+
+
+def trainer_census_cycles(rank: int, world_size: int, port: int, job: str, overrides: list[str],
+                          cycles: int, out_dir: str, threads: int = 1) -> None:
+    """One rank of a gloo job on 127.0.0.1 training ``job`` with the real Trainer, the gradient-sync
+    telemetry (the step timer's comm clock) and the live analysis repeated every few steps.
+
+    Rank 0 writes each cycle's ``analysis/step.json`` as ``<out_dir>/cycle-<n>.json``: ``cycles``
+    independent verdicts of one run (every cycle times, counts and profiles steps of its own).
+    Meant for ``torch.multiprocessing.spawn(trainer_census_cycles, args=(...), nprocs=world_size)``.
+    """
+    import torch.distributed as dist
+
+    from gradyard.analysis.callback import CensusCallback
+    from gradyard.job import load_job
+    from gradyard.steptime import CENSUS_AFTER_STEPS, CENSUS_AT_STEP, CENSUS_TIMING_STEPS
+    from gradyard.storage import open_storage
+    from gradyard.telemetry.comm import GradSyncMonitor
+    from gradyard.telemetry.metrics import TelemetryMetrics
+    from gradyard.trainer import DistInfo, Trainer
+
+    torch.set_num_threads(threads)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+    try:
+        every = CENSUS_TIMING_STEPS + 2 + CENSUS_AFTER_STEPS
+        steps = CENSUS_AT_STEP + every * cycles + 2
+        spec = load_job(job, [*overrides, "schedule.epochs=null", f"schedule.steps={steps}",
+                              "checkpoint.every_steps=100000"])
+        written: list[int] = []
+
+        def sink(record) -> None:
+            if rank == 0:
+                with open(os.path.join(out_dir, f"cycle-{len(written)}.json"), "w") as f:
+                    json.dump(record.to_dict(), f)
+                written.append(record.step)
+
+        callbacks = [GradSyncMonitor(TelemetryMetrics()),
+                     CensusCallback(every=every, sink=sink, batch_size=spec.data.batch_size, profile_ops=False,
+                                    measure_allreduce=True)]
+        storage = open_storage(f"file://{os.path.join(out_dir, 'run')}")
+        Trainer(spec, storage, DistInfo(rank=rank, world_size=world_size), spec.name, callbacks).fit()
+    finally:
+        dist.destroy_process_group()

@@ -83,19 +83,22 @@ def test_census_telemetry_and_summary_read_the_same_step_records(tmp_path):
     census_records = []
     census = CensusCallback(sink=census_records.append)  # the live census's default schedule
     seen = _Records()
-    trainer = _trainer(tmp_path, [*telemetry, census, seen], 12)
+    trainer = _trainer(tmp_path, [*telemetry, census, seen], 14)
     trainer.fit()
     records = seen.records
 
-    assert [r.step for r in records] == list(range(12))
+    assert [r.step for r in records] == list(range(14))
     disturbed = [r.step for r in records if r.disturbed]
     assert disturbed == [0, census.at_step, census.at_step + 1]  # the FLOP count, the census count, its profile
     assert max(disturbed) < STEADY_AFTER_STEPS  # the steady window starts after every scheduled measurement
 
-    # The census's phases are the medians of the timer's records of its timing steps.
+    # The census's phases are the medians of the timer's records of its timing steps (before its
+    # count and after its profile), and each of those steps' breakdown is in the record too.
     (record,) = census_records
-    timed = [r for r in records if census.at_step - census.timing_steps <= r.step < census.at_step]
-    assert record.phases.steps_timed == len(timed) == 3
+    timed = [r for r in records if census.at_step - census.timing_steps <= r.step < census.at_step
+             or census.at_step + 1 < r.step <= census.at_step + 1 + census.after_steps]
+    assert record.phases.steps_timed == len(timed) == 9 and record.step == census.at_step
+    assert [s.breakdown() for s in record.phases.samples] == [r.breakdown() for r in timed]
     for phase in PHASES:
         assert getattr(record.phases, f"{phase}_s") == statistics.median(getattr(r, f"{phase}_s") for r in timed)
     assert record.phases.step_s == statistics.median(r.step_s for r in timed)

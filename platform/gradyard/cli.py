@@ -313,8 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = command("analyze", "is a run compute-, memory-, overhead-, communication- or input-bound?",
                  "gradyard analyze runs/fashion-cnn --out report/")
-    an.add_argument("run_url", help="run directory (telemetry on, past step 7)")
+    an.add_argument("run_url", help="run directory (telemetry on, past the live census's steps)")
     an.add_argument("--out", help="folder for roofline.png, step_breakdown.png and report.md")
+    an.add_argument("--probe", action="store_true",
+                    help="time the job's step here at its batch and twice it (the batch-scaling probe): "
+                         "the overhead share from what does not grow with the batch")
     json_flag(an, "the verdict as one object")
     endpoint(an)
     an.set_defaults(fn=cmd_analyze)
@@ -335,6 +338,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_analyze(args) -> int:
     from gradyard.analysis import run_analyze
+    from gradyard.steptime import CENSUS_RECORD_AT_STEP
     from gradyard.storage import open_storage
 
     run = open_storage(args.run_url, args.endpoint_url)
@@ -343,8 +347,8 @@ def cmd_analyze(args) -> int:
             record = json.loads(f.read())
     except FileNotFoundError:
         raise CLIError(f"{redact(run.url)}/analysis/step.json not found: the run has no measured "
-                       "step yet (telemetry must be on, and the run must pass step 7)") from None
-    return run_analyze(record, out_dir=args.out, json_out=args.json)
+                       f"step yet (telemetry must be on, and the run must pass step {CENSUS_RECORD_AT_STEP})") from None
+    return run_analyze(record, out_dir=args.out, json_out=args.json, probe=args.probe)
 
 
 def dispatch(command) -> int:

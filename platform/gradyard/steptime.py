@@ -63,6 +63,11 @@ CENSUS_AT_STEP = 5
 """The step the live census counts (:class:`gradyard.analysis.callback.CensusCallback`); it reads
 the times of the :data:`CENSUS_TIMING_STEPS` steps before it and profiles the step after it."""
 CENSUS_TIMING_STEPS = 3
+CENSUS_AFTER_STEPS = 6
+"""Undisturbed steps after the census's profile step that it times too: with the timing steps before
+it, the verdict is judged on each of these steps and its margin weighed against their spread."""
+CENSUS_RECORD_AT_STEP = CENSUS_AT_STEP + 1 + CENSUS_AFTER_STEPS
+"""The step at whose end the live census's record (``analysis/step.json``) is written."""
 STEADY_AFTER_STEPS = CENSUS_AT_STEP + 2
 """Steps of each attempt left out of the steady-state rate: the first step (warm-up and the
 first FLOP count) up to the census's count and profile steps.  The bench's warm-up is the same."""

@@ -100,8 +100,10 @@ def build_callbacks(spec: JobSpec, storage: Storage, info: DistInfo, launcher: s
         cbs.extend(build_telemetry_callbacks(spec, metrics=metrics, host=host,
                                              peak_profile=_device_profile(spec, info)))
         # Both read the trainer's step timer; the verdict goes to the metrics' regime series.
+        from gradyard.checkpoint.manager import redacted_spec
+
         cbs.append(live_analysis(storage, info.rank, regime=metrics, batch_size=spec.data.batch_size,
-                                 profile_ops=spec.telemetry.profile_ops))
+                                 profile_ops=spec.telemetry.profile_ops, job=redacted_spec(spec)))
     cbs.extend(extra or [])
     if launcher == "ray":
         cbs.append(RayReportCallback())

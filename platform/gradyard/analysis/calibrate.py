@@ -4,7 +4,7 @@
 repeats: dense matmul FLOP/s per dtype, memory bandwidth (a large copy and
 the STREAM triad ``a = b + s*c``), the cost of dispatching one op on a tiny
 tensor, and, when ``torch.distributed`` is initialised, allreduce bus
-bandwidth across the group.  The result is a :class:`DeviceProfile`, cached
+bandwidth and the latency of a one-float allreduce across the group.  The result is a :class:`DeviceProfile`, cached
 as JSON per device name so `gradyard analyze` can reuse it.
 
 Published datasheet peaks (:mod:`gradyard.analysis.published`) are shown
@@ -50,6 +50,9 @@ class DeviceProfile:
     """Allreduce bus bandwidth (nccl-tests: algbw x 2(n-1)/n); None without a process group of 2+."""
     allreduce_world_size: Optional[int] = None
     """Group size the allreduce was measured across."""
+    allreduce_latency_s: Optional[float] = None
+    """Seconds of an allreduce of one float across the group: its fixed cost (synchronisation,
+    the backend's round trips), which no bandwidth explains; None without a process group of 2+."""
     mem_bandwidth_detail: dict[str, float] = field(default_factory=dict)
     """Each bandwidth test by name (`copy`, `triad`), bytes/s."""
     threads: Optional[int] = None
@@ -251,6 +254,24 @@ def measure_allreduce_busbw(group: Any = None, dev: Optional[torch.device] = Non
     return algbw * 2 * (world - 1) / world
 
 
+def measure_allreduce_latency(group: Any = None, dev: Optional[torch.device] = None,
+                              quick: bool = False) -> Optional[float]:
+    """Seconds of an allreduce of one float across ``group`` (every rank must call): the fixed cost
+    each collective pays whatever its size; the slowest rank's median. None without a group of 2+."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
+        return None
+    dev = dev or (_resolve(None) if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+    buf = torch.ones(1, device=dev)
+    dist.barrier(group)
+    seconds = _median_time(lambda: dist.all_reduce(buf, group=group), dev, repeats=5 if quick else 10, warmup=2,
+                           inner=10)
+    t = torch.tensor([seconds], device=dev, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
 def calibrate(device: Optional[torch.device | str] = None, group: Any = None, quick: bool = False) -> DeviceProfile:
     """Measure this device's roof.
 
@@ -274,6 +295,7 @@ def calibrate(device: Optional[torch.device | str] = None, group: Any = None, qu
     overhead = measure_dispatch_overhead(dev, quick)
     progress.advance()
     busbw = measure_allreduce_busbw(group, dev=None, quick=quick) if group is not None else None
+    latency = measure_allreduce_latency(group, quick=quick) if group is not None else None
     if group is not None:
         progress.advance()
     progress.done()
@@ -290,6 +312,7 @@ def calibrate(device: Optional[torch.device | str] = None, group: Any = None, qu
         dispatch_overhead_s=overhead,
         allreduce_busbw_bytes_per_s=busbw,
         allreduce_world_size=world,
+        allreduce_latency_s=latency,
         threads=torch.get_num_threads() if dev.type == "cpu" else None,
         measured_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         torch_version=torch.__version__,

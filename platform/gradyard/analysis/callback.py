@@ -17,13 +17,29 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from gradyard.analysis.census import Census, CensusMode, _finish_profiler, _new_census, _start_profiler, _sync
 from gradyard.events import Callback, Event
-from gradyard.steptime import CENSUS_AT_STEP, CENSUS_TIMING_STEPS, StepTimer, StepTimes
+from gradyard.steptime import (
+    CENSUS_AFTER_STEPS,
+    CENSUS_AT_STEP,
+    CENSUS_TIMING_STEPS,
+    StepBreakdown,
+    StepTimer,
+    StepTimes,
+)
 
 if TYPE_CHECKING:
     from gradyard.analysis.calibrate import DeviceProfile
     from gradyard.analysis.record import StepRecord
 
 log = logging.getLogger(__name__)
+
+
+def _sample(rec: StepTimes, comm: Optional[float]) -> StepBreakdown:
+    """One timed step's breakdown; ``comm``: the profiler's exposed time, carved out of its backward."""
+    part = StepBreakdown(**rec.breakdown())
+    if comm is not None:
+        part.backward_s = max(0.0, rec.backward_s + rec.comm_exposed_s - comm)
+        part.comm_exposed_s = comm
+    return part
 
 
 class CensusCallback(Callback):
@@ -35,9 +51,17 @@ class CensusCallback(Callback):
     AFTER_OPTIMIZER) and step 6 is profiled (from AFTER_DATA to BATCH_END,
     outside the timed phases' marks; ``profile_ops=False`` skips the profiler:
     PyTorch's profiler leaves the thread that ran it slower for good, about 4%
-    on fashion-cnn, which a census inside a training job must not cost).  The
+    on fashion-cnn, which a census inside a training job must not cost), and the
+    ``after_steps`` steps after it are timed too (steps 7-12): the record, written
+    at the end of the last, carries each timed step's breakdown (``Phases.samples``)
+    beside their medians, so the verdict weighs its margin against their spread.  The
     counted and profiled steps are disturbed steps for the timer (left out of
     step-time averages).  ``every=N`` repeats the cycle every N steps.
+    ``measure_allreduce`` (the live analysis): at the end of the first cycle, after
+    the profiled step's end mark, every rank measures the group's allreduce bus
+    bandwidth and one-float latency (the schedule is the same on every rank, so
+    the collectives pair up): what tells latency-bound from bandwidth-bound
+    communication, which a per-device calibration cannot know.
     Each finished cycle gives a :class:`~gradyard.analysis.record.StepRecord`
     in ``self.record`` and is passed to ``sink`` (the trainer writes it to
     ``analysis/step.json``).  Steps are ``state.step`` at BEFORE_FORWARD, i.e.
@@ -58,13 +82,19 @@ class CensusCallback(Callback):
                  timing_steps: int = CENSUS_TIMING_STEPS, profile: Optional["DeviceProfile"] = None,
                  sink: Optional[Callable[["StepRecord"], None]] = None,
                  device: Optional[str | torch.device] = None, batch_size: Optional[int] = None,
-                 profile_ops: bool = True) -> None:
-        if at_step < 0 or timing_steps < 1 or (every is not None and every < timing_steps + 2):
-            raise ValueError("CensusCallback: needs at_step >= 0, timing_steps >= 1 and every >= timing_steps + 2 "
-                             "(each cycle times, counts and profiles separate steps)")
+                 profile_ops: bool = True, measure_allreduce: bool = False,
+                 after_steps: int = CENSUS_AFTER_STEPS) -> None:
+        if (at_step < 0 or timing_steps < 1 or after_steps < 0
+                or (every is not None and every < timing_steps + 2 + after_steps)):
+            raise ValueError("CensusCallback: needs at_step >= 0, timing_steps >= 1, after_steps >= 0 and "
+                             "every >= timing_steps + 2 + after_steps (each cycle times, counts and profiles "
+                             "separate steps)")
         self.at_step, self.every, self.timing_steps = at_step, every, timing_steps
+        self.after_steps = after_steps
         self.profile, self.sink, self.batch_size = profile, sink, batch_size
         self.profile_ops = profile_ops
+        self.measure_allreduce = measure_allreduce
+        self._allreduce: Optional[dict[str, float]] = None
         self.device_type = torch.device(device).type if device is not None else None
         self.record: Optional["StepRecord"] = None
         self._done: list[int] = []
@@ -81,7 +111,7 @@ class CensusCallback(Callback):
             target = self.at_step
         else:
             target = self.at_step + self.every * max(0, -(-(step - self.at_step - 1) // self.every))
-        return target if target - self.timing_steps <= step <= target + 1 else None
+        return target if target - self.timing_steps <= step <= target + 1 + self.after_steps else None
 
     def on_event(self, event: Event, state: Any) -> None:
         if event is Event.FIT_START:
@@ -101,17 +131,22 @@ class CensusCallback(Callback):
         if step == target:
             self._count(event)
         elif step == target + 1:
+            if event is Event.BATCH_END:
+                self._measure_allreduce()
             self._profile(event, target, state)
+        elif step == target + 1 + self.after_steps and event is Event.BATCH_END and self._census is not None:
+            self._timer.flush(through=step)
+            self._finish(target)
 
     def _step_times(self, rec: StepTimes) -> None:
         """The step timer's record of each step: keep the timing steps' and the profiled step's."""
         target = self._census_step(rec.step)
         if target is None or target in self._done:
             return
-        if rec.step < target and not rec.disturbed:
-            self._timed.append(rec)
-        elif rec.step == target + 1:
+        if rec.step == target + 1:
             self._profiled = rec
+        elif (rec.step < target or rec.step > target + 1) and not rec.disturbed:
+            self._timed.append(rec)
 
     def _count(self, event: Event) -> None:
         if event is Event.BEFORE_FORWARD:
@@ -124,6 +159,19 @@ class CensusCallback(Callback):
             self._mode.__enter__()
         elif event is Event.AFTER_OPTIMIZER and self._mode is not None:
             self._exit_mode()
+
+    def _measure_allreduce(self) -> None:
+        if not self.measure_allreduce or self._allreduce is not None:
+            return
+        import torch.distributed as dist
+
+        from gradyard.analysis.calibrate import measure_allreduce_busbw, measure_allreduce_latency
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        self._allreduce = {"busbw_bytes_per_s": measure_allreduce_busbw(quick=True),
+                           "latency_s": measure_allreduce_latency(quick=True),
+                           "world_size": dist.get_world_size()}
 
     def _exit_mode(self) -> None:
         mode, self._mode = self._mode, None
@@ -156,7 +204,8 @@ class CensusCallback(Callback):
                 wall = (rec.forward_s + rec.backward_s + rec.comm_exposed_s + rec.optimizer_s) if rec else 0.0
                 _finish_profiler(self._prof, self._census, wall)  # after the step's end mark: not step time
                 self._prof = None
-            self._finish(target)
+            if not self.after_steps:
+                self._finish(target)
 
     def _finish(self, target: int) -> None:
         from gradyard.analysis.record import Phases, StepRecord
@@ -178,7 +227,8 @@ class CensusCallback(Callback):
         phases = Phases(data_s=med(lambda r: r.data_s), forward_s=med(lambda r: r.forward_s),
                         backward_s=max(0.0, med(lambda r: r.backward_s + r.comm_exposed_s) - comm),
                         optimizer_s=med(lambda r: r.optimizer_s), comm_exposed_s=comm,
-                        step_s=med(lambda r: r.step_s), steps_timed=len(timed), comm_source=source)
+                        step_s=med(lambda r: r.step_s), steps_timed=len(timed), comm_source=source,
+                        samples=[_sample(r, comm if census.comm_exposed_s is not None else None) for r in timed])
         world = 1
         try:
             import torch.distributed as dist
@@ -186,7 +236,7 @@ class CensusCallback(Callback):
         except (RuntimeError, ValueError):
             pass
         self.record = StepRecord(census=census, phases=phases, profile=self.profile, step=target,
-                                 world_size=world, batch_size=self.batch_size)
+                                 world_size=world, batch_size=self.batch_size, allreduce=self._allreduce)
         self._done.append(target)
         if self.sink is not None:
             self.sink(self.record)

@@ -32,17 +32,29 @@ def run_calibrate(json_out: bool = False, quick: bool = False, save: bool = True
 
 
 def run_analyze(step_record: dict[str, Any], out_dir: Optional[os.PathLike] = None, json_out: bool = False,
-                profile: Optional[DeviceProfile] = None, out: TextIO = sys.stdout) -> int:
+                profile: Optional[DeviceProfile] = None, out: TextIO = sys.stdout, probe: bool = False) -> int:
     """Verdict for a step record (the parsed ``analysis/step.json``), plus the report in ``out_dir``.
 
     The calibration is ``profile``, else the one stored in the record, else this
-    machine's cached profile for the record's device.
+    machine's cached profile for the record's device.  ``probe``: first time the
+    job's step here at its batch and twice it (:func:`~gradyard.analysis.probe.batch_scaling`),
+    and take the overhead share from that.
     """
     record = StepRecord.from_dict(step_record)
     profile = profile or record.profile
     if profile is None:
         out.write("no calibration in the step record and none given: run `gradyard calibrate` on that device\n")
         return 2
+    if probe:
+        if not record.job:
+            out.write("the step record carries no job (written before gradyard recorded it): "
+                      "run the job again, then `gradyard analyze --probe`\n")
+            return 2
+        from gradyard.analysis.probe import batch_scaling, job_workload
+
+        batch = record.batch_size or int(record.job["data"]["batch_size"])
+        step_record = dict(step_record, batch_scaling_ratio=batch_scaling(
+            lambda b: job_workload(record.job, b), batch))
     verdict = analyze_run(step_record, profile)
     paths = write_report(verdict, record.census, record.phases, profile, out_dir) if out_dir else []
     if json_out:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping, Optional, Protocol
+from typing import Any, Mapping, Optional, Protocol
 
 # Kineto (the profiler's backend) logs CUDA probing errors even on CPU-only
 # hosts; read when the profiler first starts, so this must come before.
@@ -38,10 +38,13 @@ class RegimeSink(Protocol):
 
 def live_analysis(storage: Storage, rank: int, *, at_step: int = CENSUS_AT_STEP,
                   regime: Optional[RegimeSink] = None, batch_size: Optional[int] = None,
-                  profile_ops: bool = False) -> CensusCallback:
+                  profile_ops: bool = False, job: Optional[dict[str, Any]] = None) -> CensusCallback:
+    """The live census (every rank: its steps and its allreduce measurement are collective in
+    effect); rank 0 judges.  ``job`` (redacted) travels in the record for ``gradyard analyze --probe``."""
     def sink(record: StepRecord) -> None:
         if rank != 0:
             return
+        record.job = job
         from gradyard.analysis.calibrate import load_or_calibrate
         from gradyard.analysis.verdict import analyze_run
 
@@ -53,8 +56,11 @@ def live_analysis(storage: Storage, rank: int, *, at_step: int = CENSUS_AT_STEP,
             storage.write_json(storage.join("analysis", name), payload)
         if regime is not None:
             regime.set_regime(verdict.regime, verdict.evidence_by_unit())
-        shown = [f"{k} {v:.3g}" for k, v in verdict.numbers.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)][:5]
-        print(f"[analysis] step {record.step}: {verdict.regime}-bound ({', '.join(shown)})", flush=True)
+        n = verdict.numbers
+        print(f"[analysis] step {record.step}: {n['verdict']} ({verdict.regime} {n['top_share']:.0%}, "
+              f"{n['runner_up']} {n['runner_up_share']:.0%}, margin {n['verdict_margin']:.0%}"
+              + (f" against a spread of {n['margin_spread']:.0%} across the timed steps"
+                 if n["margin_spread"] is not None else "") + ")", flush=True)
 
-    return CensusCallback(at_step=at_step, sink=sink, batch_size=batch_size, profile_ops=profile_ops)
+    return CensusCallback(at_step=at_step, sink=sink, batch_size=batch_size, profile_ops=profile_ops,
+                          measure_allreduce=True)

@@ -5,12 +5,15 @@ steps are marked on the trainer's step clock with the same phase map
 (:mod:`gradyard.steptime`).  ``probe`` runs it a few times and returns the same
 :class:`~gradyard.analysis.record.StepRecord` the trainer writes, so both go
 through one analysis; :func:`batch_scaling` times it at two batch sizes.
-Used by the reference workloads' tests (``testkit/workloads.py``).
+:func:`job_workload` is a job's own training step (the real Trainer's model, loss and optimizer on
+synthetic data of the job's shapes): what ``gradyard analyze --probe`` times at B and 2B.
+Used by the reference workloads' tests (``testkit/workloads.py``) too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional
@@ -21,7 +24,7 @@ from gradyard.analysis.calibrate import DeviceProfile
 from gradyard.analysis.census import census_of
 from gradyard.analysis.record import Phases, StepRecord
 from gradyard.events import Event
-from gradyard.steptime import StepTimer, StepTimes
+from gradyard.steptime import StepBreakdown, StepTimer, StepTimes
 
 
 @dataclass
@@ -85,12 +88,21 @@ def time_phases(w: Workload, steps: int = 3, warmup: int = 1) -> Phases:
         return statistics.median(getattr(r, field) for r in rs)
 
     comm, source = 0.0, "not measured"
+    local_backward = med(local, "backward_s") if measure_comm else 0.0
     if measure_comm:
-        comm = max(0.0, med(samples, "backward_s") - med(local, "backward_s"))
+        comm = max(0.0, med(samples, "backward_s") - local_backward)
         source = "no_sync"
+    parts = []
+    for r in samples:
+        part = StepBreakdown(**r.breakdown())
+        if measure_comm:  # each synced step against the median step without the allreduce
+            part.comm_exposed_s = min(part.backward_s, max(0.0, part.backward_s - local_backward))
+            part.backward_s -= part.comm_exposed_s
+        parts.append(part)
     return Phases(data_s=med(samples, "data_s"), forward_s=med(samples, "forward_s"),
                   backward_s=med(samples, "backward_s") - comm, optimizer_s=med(samples, "optimizer_s"),
-                  comm_exposed_s=comm, step_s=med(samples, "step_s"), steps_timed=steps, comm_source=source)
+                  comm_exposed_s=comm, step_s=med(samples, "step_s"), steps_timed=steps, comm_source=source,
+                  samples=parts)
 
 
 def probe(w: Workload, steps: int = 3, warmup: int = 1, profile: Optional[DeviceProfile] = None,
@@ -125,3 +137,36 @@ def batch_scaling(make_workload: Callable[[int], Workload], batch_size: int, ste
         return max(p.step_s - p.data_s, 1e-9)
 
     return compute_s(2 * batch_size) / compute_s(batch_size)
+
+
+def job_workload(job: dict[str, Any], batch_size: Optional[int] = None) -> Workload:
+    """One process's training step of ``job`` (a job document, e.g. the step record's ``job``), at
+    ``batch_size`` (default: the job's): the real Trainer's model, loss and optimizer, on synthetic
+    data of the job's shapes (the probe times compute, not the data source), on the CPU."""
+    import tempfile
+
+    from gradyard.job import apply_overrides, parse_job
+    from gradyard.storage import open_storage
+    from gradyard.trainer import DistInfo, Trainer
+
+    doc = apply_overrides(json.loads(json.dumps(job)), ["data.source=synthetic", "scaling.use_gpu=false"]
+                          + ([f"data.batch_size={batch_size}"] if batch_size else []))
+    doc["data"]["loader_workers"] = 0
+    spec = parse_job(doc, "the run's job")
+    scratch = tempfile.mkdtemp(prefix="gradyard-probe-")
+    trainer = Trainer(spec, open_storage(f"file://{scratch}"), DistInfo(), "probe", [],
+                      device=torch.device("cpu"))
+    state = trainer.state
+    inputs, targets = next(iter(trainer._loader(0, 0)))
+
+    def forward(batch: Any) -> torch.Tensor:
+        with trainer._autocast():
+            outputs = state.ddp_model(batch[0])
+            return trainer._compute_loss(outputs.float(), batch[1])
+
+    def optimizer() -> None:
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+
+    return Workload(data=lambda: (inputs, targets), forward=forward, backward=lambda loss: loss.backward(),
+                    optimizer=optimizer, device="cpu", batch_size=spec.data.batch_size)

@@ -9,11 +9,15 @@ One JSON object (``schema: "gradyard.analysis.step/1"``)::
       "created_at": "2026-01-01T00:00:00+00:00",
       "phases": {                     # median seconds per step, see Phases
         "data_s": ..., "forward_s": ..., "backward_s": ..., "optimizer_s": ...,
-        "comm_exposed_s": ..., "step_s": ..., "steps_timed": 3, "comm_source": "profiler"
+        "comm_exposed_s": ..., "step_s": ..., "steps_timed": 3, "comm_source": "profiler",
+        "samples": [{"data_s": ..., ...}, ...]   # each timed step's breakdown (the verdict's spread)
       },
       "census": { ... Census.to_dict() ... },   # ops, profiler times, totals, by_class
       "profile": { ... DeviceProfile.to_dict() ... } | null,   # calibration used
-      "batch_scaling_ratio": 1.9 | null         # time(2B) / time(B), when probed
+      "batch_scaling_ratio": 1.9 | null,        # time(2B) / time(B), when probed
+      "allreduce": {"busbw_bytes_per_s": ..., "latency_s": ..., "world_size": 2} | null,
+                                                # measured across the job's own group
+      "job": { ... the job document, URLs redacted ... } | null   # what `gradyard analyze --probe` rebuilds
     }
 
 Readers ignore keys they do not know, so fields may be added without a new schema version.
@@ -47,14 +51,19 @@ class Phases(StepBreakdown):
     """How comm_exposed_s was found: `telemetry comm hook` (the step timer's gradient-sync marks),
     `profiler` (NCCL kernels not overlapped), `no_sync` (backward with and without DDP's
     allreduce), `not measured` (then it is 0)."""
+    samples: list[StepBreakdown] = field(default_factory=list)
+    """Each timed step's own breakdown, the medians' inputs: the verdict is judged on each too, and
+    the spread of its margin across them says whether the top two shares are told apart."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Phases":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        names = {f.name for f in dataclasses.fields(cls)} - {"samples"}
+        parts = {f.name for f in dataclasses.fields(StepBreakdown)}
+        samples = [StepBreakdown(**{k: v for k, v in s.items() if k in parts}) for s in d.get("samples", [])]
+        return cls(**{k: v for k, v in d.items() if k in names}, samples=samples)
 
 
 @dataclass
@@ -66,6 +75,11 @@ class StepRecord:
     world_size: int = 1
     batch_size: Optional[int] = None
     batch_scaling_ratio: Optional[float] = None
+    allreduce: Optional[dict[str, Any]] = None
+    """The job's own group's allreduce, measured by the live census: ``busbw_bytes_per_s``,
+    ``latency_s``, ``world_size`` (used where the calibration has none)."""
+    job: Optional[dict[str, Any]] = None
+    """The job document (every URL redacted): ``gradyard analyze --probe`` rebuilds its step from it."""
     created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,6 +93,8 @@ class StepRecord:
             "census": self.census.to_dict(),
             "profile": self.profile.to_dict() if self.profile is not None else None,
             "batch_scaling_ratio": self.batch_scaling_ratio,
+            "allreduce": self.allreduce,
+            "job": self.job,
         }
 
     def to_json(self) -> str:
@@ -97,5 +113,7 @@ class StepRecord:
             world_size=d.get("world_size", 1),
             batch_size=d.get("batch_size"),
             batch_scaling_ratio=d.get("batch_scaling_ratio"),
+            allreduce=d.get("allreduce"),
+            job=d.get("job"),
             created_at=d.get("created_at", ""),
         )

@@ -74,11 +74,40 @@ def format_profile(p: DeviceProfile) -> str:
     return "\n".join(lines)
 
 
+def _margin(n: dict) -> str:
+    spread = n.get("margin_spread")
+    return (f"margin {n['verdict_margin']:.0%} over {n['runner_up']}"
+            + (f", spread {spread:.0%} across the timed steps" if spread is not None else ""))
+
+
+def share_evidence(v: Verdict) -> list[tuple[str, float, str]]:
+    """Each regime's share with the measurement behind it: (regime, share, evidence)."""
+    n = v.numbers
+    roof = n.get("roofline_explained_share")
+    comm = (f"{secs(n['comm_exposed_s'])} exposed allreduce of {si(n['comm_bytes_per_step'], 'B')}"
+            + (f"; bus bandwidth explains {n['comm_bandwidth_explained']:.0%} of it ({n['comm_bound_by']}-bound)"
+               if n.get("comm_bandwidth_explained") is not None else
+               (f" ({n['comm_bound_by']})" if n.get("comm_bound_by") else ""))
+            + (f"; one-float allreduce {secs(n['allreduce_latency_s'])}" if n.get("allreduce_latency_s") else ""))
+    roof_text = (f"roofline {secs(n['roofline_s'])} explains {roof:.0%} of compute time" if roof is not None
+                 else "no compute time")
+    evidence = {
+        "input": f"data wait {n['data_wait_share']:.0%} of the step",
+        "communication": comm,
+        "overhead": f"{secs(n['overhead_s'])} from {n['overhead_source']}; {n['ops_per_step']} ops at "
+                    f"{secs(n['time_per_op_s'])} each, {n['tiny_ops_share']:.0%} of them too small to reach the roof",
+        "compute": f"{roof_text}; MFU {n['mfu']:.1%}",
+        "memory": f"{roof_text}; {si(n['bytes_per_step'], 'B')} at {n['bandwidth_share']:.0%} of "
+                  f"{si(n['bandwidth_bytes_per_s'], 'B/s')}",
+    }
+    return [(r, v.shares[r], evidence[r]) for r in sorted(REGIMES, key=lambda r: -v.shares[r])]
+
+
 def format_verdict(v: Verdict) -> str:
     n = v.numbers
     split = " · ".join(f"{r} {v.shares[r]:.0%}" for r in sorted(REGIMES, key=lambda r: -v.shares[r]))
     lines = [
-        f"regime: {v.regime}-bound  ({split} of a {secs(n['step_s'])} step)",
+        f"regime: {n['verdict']}  ({split} of a {secs(n['step_s'])} step; {_margin(n)})",
         f"roofline: {n['arithmetic_intensity']:.3g} FLOP/B vs ridge {n['ridge_point']:.3g} FLOP/B "
         f"({n['roofline_side']} side) · MFU {n['mfu']:.1%} · bandwidth {n['bandwidth_share']:.0%} of "
         f"{si(n['bandwidth_bytes_per_s'], 'B/s')}",
@@ -254,12 +283,16 @@ def plot_step_breakdown(verdict: Verdict, phases: Phases, path: os.PathLike) -> 
 
 def _markdown(verdict: Verdict, census: Census, phases: Phases, profile: DeviceProfile) -> str:
     n = verdict.numbers
-    out = [f"# Step analysis: {verdict.regime}-bound", "",
+    out = [f"# Step analysis: {n['verdict']}", "",
            f"**Device** {profile.device} · **dtype** {n['dtype']} · **step** {secs(n['step_s'])}", "",
            "```", format_verdict(verdict), "```", "",
            "![Roofline: each operator class against the calibrated roof](roofline.png)", "",
            "![Step time by phase and by what bounds it](step_breakdown.png)", "",
-           "## Evidence", "", "| measure | value |", "|---|---|"]
+           "## Shares and their evidence", "",
+           f"**{n['verdict']}**: {_margin(n)} (mixed when the margin is inside that spread).", "",
+           "| regime | share | evidence |", "|---|---:|---|"]
+    out += [f"| {r} | {share:.0%} | {text} |" for r, share, text in share_evidence(verdict)]
+    out += ["", "## Evidence", "", "| measure | value |", "|---|---|"]
     rows = [
         ("arithmetic intensity (step)", f"{n['arithmetic_intensity']:.3g} FLOP/B"),
         ("ridge point (calibrated)", f"{n['ridge_point']:.3g} FLOP/B → {n['roofline_side']} side"),

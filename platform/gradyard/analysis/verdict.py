@@ -28,10 +28,11 @@ are read together when a verdict is questioned.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from gradyard.analysis.calibrate import DeviceProfile
 from gradyard.analysis.opclass import COMMUNICATION, DATA_MOVEMENT, ELEMENTWISE, OTHER, REDUCTION
@@ -42,8 +43,13 @@ REGIMES = ("compute", "memory", "overhead", "communication", "input")
 
 TINY_OP_FACTOR = 10.0
 """An op whose roofline time per call is below this many dispatch costs is tiny: its fixed cost dominates."""
-TINY_OPS_DISPATCH_SHARE = 0.05
-"""Without profiler times: ops count as tiny when op count x dispatch cost >= this share of compute time."""
+ROOF_EVIDENCE_SHARE = 0.1
+"""Without profiler times, compute- or memory-bound needs the roofline (bytes and FLOPs against the
+calibrated roof) to explain at least this share of compute time; below it, no op reaches the roof
+and the unexplained time is overhead."""
+BANDWIDTH_EXPLAINED_SHARE = 0.5
+"""Exposed allreduce time is bandwidth-bound when the calibrated bus bandwidth explains at least this
+share of it for the step's bytes; otherwise latency-bound (synchronisation, round trips)."""
 SECONDARY_SHARE = 0.2
 """Parts of the step at least this large get their remedies listed too."""
 
@@ -75,10 +81,15 @@ class Evidence(StepBreakdown):
     """CUDA: share of compute time no kernel ran (profiler); None on CPU."""
     sized_ops_share: Optional[float] = None
     """CPU: share of the profiled step's wall time spent inside sized (non-tiny) ops; None without profiler."""
+    tiny_ops_share: float = 0.0
+    """Share of the step's ops (by count) too small to reach the roof: roofline time per call below
+    the step's own measured time per op (compute time / op count)."""
     batch_scaling_ratio: Optional[float] = None
     comm_bytes: float = 0.0
     """Payload handed to collectives per step."""
     allreduce_busbw_bytes_per_s: Optional[float] = None
+    allreduce_latency_s: Optional[float] = None
+    """Seconds of a one-float allreduce across the group (the fixed cost of a collective)."""
     world_size: int = 1
     has_conv: bool = False
     movement_bytes_share: float = 0.0
@@ -98,7 +109,11 @@ class Evidence(StepBreakdown):
 
 NUMBER_UNITS: dict[str, Optional[str]] = {
     "step_s": "seconds", "compute_s": "seconds", "roofline_s": "seconds", "time_per_op_s": "seconds",
-    "dispatch_overhead_s": "seconds", "allreduce_ideal_s": "seconds",
+    "dispatch_overhead_s": "seconds", "allreduce_ideal_s": "seconds", "overhead_s": "seconds",
+    "comm_exposed_s": "seconds", "allreduce_latency_s": "seconds",
+    "top_share": "ratio", "runner_up_share": "ratio", "verdict_margin": "ratio", "margin_spread": "ratio",
+    "roofline_explained_share": "ratio", "tiny_ops_share": "ratio", "comm_bandwidth_explained": "ratio",
+    "verdict": None, "runner_up": None, "comm_bound_by": None,
     "bytes_per_step": "bytes", "comm_bytes_per_step": "bytes",
     "achieved_bandwidth_bytes_per_s": "bytes_per_second", "bandwidth_bytes_per_s": "bytes_per_second",
     "flops_per_step": "flops", "model_flops_per_step": "flops",
@@ -172,29 +187,34 @@ def _clamp(x: float) -> float:
     return min(1.0, max(0.0, x))
 
 
-def classify(ev: Evidence) -> Verdict:
-    step = max(ev.step_s, 1e-12)
-    compute_s = ev.compute_s if ev.step_s > ev.data_s + ev.comm_exposed_s else 0.0
+def _overhead(ev: Evidence, compute_s: float) -> tuple[float, str]:
+    """Share of compute time that is overhead, and where the figure came from."""
     unexplained = _clamp(1 - ev.roofline_s / compute_s) if compute_s else 0.0
     dispatch_share = _clamp(ev.n_ops * ev.dispatch_overhead_s / compute_s) if compute_s else 0.0
-    notes: list[str] = []
-
     if ev.batch_scaling_ratio is not None:
-        overhead_frac, source = _clamp(2 - ev.batch_scaling_ratio), "batch scaling (2 - time(2B)/time(B))"
-    elif ev.device_idle_share is not None:
-        overhead_frac, source = ev.device_idle_share, "device idle share (profiler)"
-    elif ev.sized_ops_share is not None:
-        overhead_frac, source = _clamp(1 - ev.sized_ops_share), "time outside sized ops (profiler)"
-    elif dispatch_share >= TINY_OPS_DISPATCH_SHARE:
-        overhead_frac, source = unexplained, "roofline residual, tiny ops"
-    else:
-        overhead_frac, source = min(unexplained, dispatch_share), "op count x dispatch cost"
+        return _clamp(2 - ev.batch_scaling_ratio), "batch scaling (2 - time(2B)/time(B))"
+    if ev.device_idle_share is not None:
+        return ev.device_idle_share, "device idle share (profiler)"
+    if ev.sized_ops_share is not None:
+        return _clamp(1 - ev.sized_ops_share), "time outside sized ops (profiler)"
+    if not compute_s or ev.roofline_s / compute_s < ROOF_EVIDENCE_SHARE:
+        return unexplained, "roofline residual: no op reaches the roof"
+    # The time the roofline leaves unexplained, spread evenly over the step's ops (each op pays
+    # the same fixed cost): the tiny ops' part is overhead, the sized ops' part is time those ops
+    # ran below the roof.  The calibrated bare dispatch cost is a floor, never the estimate.
+    measured = unexplained * ev.tiny_ops_share
+    return max(measured, min(unexplained, dispatch_share)), "roofline residual on tiny ops (measured per-op time)"
 
+
+def _shares(ev: Evidence) -> tuple[dict[str, float], float, str]:
+    """Share of the step per regime (sums to 1), the overhead share of compute time and its source."""
+    step = max(ev.step_s, 1e-12)
+    compute_s = ev.compute_s if ev.step_s > ev.data_s + ev.comm_exposed_s else 0.0
+    overhead_frac, source = _overhead(ev, compute_s)
     rest = compute_s * (1 - overhead_frac)
     sides = ev.compute_side_s + ev.memory_side_s
-    ridge = ev.ridge_point
     intensity = ev.flops / ev.bytes if ev.bytes else 0.0
-    compute_frac = ev.compute_side_s / sides if sides else (1.0 if intensity >= ridge else 0.0)
+    compute_frac = ev.compute_side_s / sides if sides else (1.0 if intensity >= ev.ridge_point else 0.0)
     shares = {
         "input": ev.data_s / step,
         "communication": ev.comm_exposed_s / step,
@@ -203,8 +223,47 @@ def classify(ev: Evidence) -> Verdict:
         "memory": rest * (1 - compute_frac) / step,
     }
     total = sum(shares.values()) or 1.0
-    shares = {k: v / total for k, v in shares.items()}
-    regime = max(REGIMES, key=lambda r: shares[r])
+    return {k: v / total for k, v in shares.items()}, overhead_frac, source
+
+
+def _ranked(shares: dict[str, float]) -> list[str]:
+    return sorted(REGIMES, key=lambda r: -shares[r])  # ties: REGIMES order
+
+
+def _comm_bound_by(ev: Evidence, ideal_s: Optional[float]) -> tuple[Optional[str], Optional[float]]:
+    """``latency`` or ``bandwidth`` (what the exposed allreduce time is made of), and the share of it
+    the calibrated bus bandwidth explains for the step's bytes."""
+    if ev.world_size < 2 or ev.comm_exposed_s <= 0:
+        return None, None
+    if ideal_s is None:
+        return "not calibrated", None
+    explained = _clamp(ideal_s / ev.comm_exposed_s)
+    return ("bandwidth" if explained >= BANDWIDTH_EXPLAINED_SHARE else "latency"), explained
+
+
+def regime_label(regime: str, comm_bound_by: Optional[str] = None) -> str:
+    if regime == "communication" and comm_bound_by in ("latency", "bandwidth"):
+        return f"communication-bound ({comm_bound_by})"
+    return f"{regime}-bound"
+
+
+def classify(ev: Evidence, samples: Sequence[Evidence] = ()) -> Verdict:
+    """The verdict of ``ev`` (the timed steps' medians); ``samples``, the same step's evidence with
+    each timed step's own breakdown, measure the spread of its margin."""
+    step = max(ev.step_s, 1e-12)
+    compute_s = ev.compute_s if ev.step_s > ev.data_s + ev.comm_exposed_s else 0.0
+    unexplained = _clamp(1 - ev.roofline_s / compute_s) if compute_s else 0.0
+    dispatch_share = _clamp(ev.n_ops * ev.dispatch_overhead_s / compute_s) if compute_s else 0.0
+    notes: list[str] = []
+    shares, overhead_frac, source = _shares(ev)
+    regime, runner_up = _ranked(shares)[:2]
+    margin = shares[regime] - shares[runner_up]
+    sample_margins = []
+    for sample in samples:
+        sh = _shares(sample)[0]
+        sample_margins.append(sh[regime] - sh[runner_up])
+    spread = (max(sample_margins) - min(sample_margins)) if len(sample_margins) >= 2 else None
+    mixed = spread is not None and margin <= spread
 
     achieved = ev.flops / compute_s if compute_s else 0.0
     achieved_bw = ev.bytes / compute_s if compute_s else 0.0
@@ -212,11 +271,24 @@ def classify(ev: Evidence) -> Verdict:
     if ev.allreduce_busbw_bytes_per_s and ev.comm_bytes and ev.world_size > 1:
         n = ev.world_size
         ideal_comm = ev.comm_bytes * 2 * (n - 1) / n / ev.allreduce_busbw_bytes_per_s
+    bound_by, explained = _comm_bound_by(ev, ideal_comm)
+    intensity = ev.flops / ev.bytes if ev.bytes else 0.0
+    ridge = ev.ridge_point
+    pair = sorted((regime, runner_up), key=REGIMES.index)  # one name for the pair, whichever leads
+    label = (f"mixed ({pair[0]} / {pair[1]})" if mixed
+             else regime_label(regime, bound_by if regime == "communication" else None))
     numbers: dict[str, Any] = {
+        "verdict": label,
+        "runner_up": runner_up,
+        "top_share": shares[regime],
+        "runner_up_share": shares[runner_up],
+        "verdict_margin": margin,
+        "margin_spread": spread,
         "device": ev.device,
         "dtype": ev.dtype,
         "step_s": ev.step_s,
         "compute_s": compute_s,
+        "overhead_s": compute_s * overhead_frac,
         "arithmetic_intensity": intensity,
         "ridge_point": ridge,
         "roofline_position": intensity / ridge if ridge else None,
@@ -231,22 +303,32 @@ def classify(ev: Evidence) -> Verdict:
         "bandwidth_bytes_per_s": ev.bandwidth_bytes_per_s,
         "bandwidth_share": achieved_bw / ev.bandwidth_bytes_per_s,
         "roofline_s": ev.roofline_s,
+        "roofline_explained_share": _clamp(ev.roofline_s / compute_s) if compute_s else None,
         "device_idle_share": ev.device_idle_share if ev.device_idle_share is not None else unexplained,
         "device_idle_source": "profiler" if ev.device_idle_share is not None else "roofline residual",
         "overhead_source": source,
         "ops_per_step": ev.n_ops,
         "time_per_op_s": compute_s / ev.n_ops if ev.n_ops else None,
+        "tiny_ops_share": ev.tiny_ops_share,
         "dispatch_overhead_s": ev.dispatch_overhead_s,
         "dispatch_share": dispatch_share,
         "sized_ops_share": ev.sized_ops_share,
         "communication_share": ev.comm_exposed_s / step,
+        "comm_exposed_s": ev.comm_exposed_s,
         "comm_bytes_per_step": ev.comm_bytes,
         "allreduce_ideal_s": ideal_comm,
+        "allreduce_latency_s": ev.allreduce_latency_s,
+        "comm_bound_by": bound_by,
+        "comm_bandwidth_explained": explained,
         "data_wait_share": ev.data_s / step,
         "batch_scaling_ratio": ev.batch_scaling_ratio,
     }
     if ev.batch_scaling_ratio is None:
         notes.append("no batch-scaling probe: overhead share estimated from " + source)
+    if mixed:
+        notes.append(f"{regime} ({shares[regime]:.0%}) and {runner_up} ({shares[runner_up]:.0%}) differ by "
+                     f"{margin:.0%}, inside the {spread:.0%} their margin varied across the {len(samples)} "
+                     "timed steps: both bound the step")
     if regime in ("compute", "memory") and unexplained > 0.5:
         notes.append(f"the roofline explains only {1 - unexplained:.0%} of compute time: beyond the overhead "
                      "share, ops run well below the roof (layouts, dtypes, kernel choice); see the top operators")
@@ -283,6 +365,21 @@ def remedies(regime: str, shares: dict[str, float], ev: Evidence, numbers: dict[
                        "overlaps the host-to-device copy with compute (part of the same wait)"),
                 Remedy(r, "Pre-decode or cache the dataset (tensor shards on local disk)",
                        "removes decoding from the loop when workers alone cannot keep up"),
+            ]
+        elif r == "communication" and numbers.get("comm_bound_by") == "latency":
+            lat = numbers.get("allreduce_latency_s")
+            hint = (f"; a one-float allreduce takes {lat * 1e6:.0f} us here" if lat else "")
+            explained = numbers.get("comm_bandwidth_explained") or 0.0
+            out += [
+                Remedy(r, "Gradient accumulation: k micro-batches under model.no_sync(), allreduce once",
+                       f"exposed allreduce is {_pct(s)} of the step and the bus bandwidth explains only "
+                       f"{_pct(explained)} of it (latency{hint}): one sync per k steps saves up to "
+                       f"{_pct(s * 3 / 4)} per sample at k=4"),
+                Remedy(r, "Larger batch per step (the allreduce's fixed cost is paid once a step)",
+                       f"doubling the batch halves the sync cost per sample: up to {_pct(s / 2)}"),
+                Remedy(r, "Fewer, larger DDP buckets (DistributedDataParallel(bucket_cap_mb=...)); each "
+                          "bucket's allreduce pays the latency",
+                       f"{ev.comm_bytes / 1e3:.0f} kB of gradient a step: one bucket holds it all"),
             ]
         elif r == "communication":
             hint = ""
@@ -354,7 +451,13 @@ def evidence_from(record: StepRecord, profile: DeviceProfile) -> Evidence:
     def op_peak(dt: str) -> float:
         return profile.peak("tf32" if (dt == "float32" and tf32) else (dt or dtype))
 
+    def roof_s(o: Any) -> float:
+        return max(o.flops / op_peak(o.dtype), o.bytes / bw)
+
+    n_ops = sum(o.count for o in census.ops if o.op_class != COMMUNICATION)
+    per_op_s = max(ph.step_s - ph.data_s - ph.comm_exposed_s, 0.0) / n_ops if n_ops else 0.0
     roofline_s = 0.0
+    tiny_count = 0
     fallback = {"compute": 0.0, "memory": 0.0}
     for o in census.ops:
         if o.op_class == COMMUNICATION:
@@ -362,6 +465,8 @@ def evidence_from(record: StepRecord, profile: DeviceProfile) -> Evidence:
         t_flops, t_bytes = o.flops / op_peak(o.dtype), o.bytes / bw
         roofline_s += max(t_flops, t_bytes)
         fallback["compute" if t_flops >= t_bytes else "memory"] += max(t_flops, t_bytes)
+        if o.count and max(t_flops, t_bytes) / o.count < per_op_s:
+            tiny_count += o.count  # would finish faster than the step's ops took each: its fixed cost rules
 
     # Measured op time on each side of the ridge, from sized ops (a tiny op's time is overhead).
     sides = {"compute": 0.0, "memory": 0.0}
@@ -376,7 +481,7 @@ def evidence_from(record: StepRecord, profile: DeviceProfile) -> Evidence:
         seconds = census.op_seconds(name)
         all_sides[side] += seconds
         # On CUDA an op's device time is kernel time whatever its size; on CPU a tiny op's time is fixed cost.
-        if census.device_type != "cpu" or max(op.flops / op_peak(op.dtype), op.bytes / bw) / op.count >= tiny_s:
+        if census.device_type != "cpu" or roof_s(op) / op.count >= tiny_s:
             sides[side] += seconds
     sized_share = None
     if census.device_type == "cpu" and census.times and census.profiled_wall_s:
@@ -389,16 +494,20 @@ def evidence_from(record: StepRecord, profile: DeviceProfile) -> Evidence:
     idle = None
     if census.device_type == "cuda" and census.device_busy_s is not None and census.profiled_wall_s:
         idle = _clamp(1 - census.device_busy_s / census.profiled_wall_s)
+    allreduce = record.allreduce or {}
     return Evidence(
         **ph.breakdown(),
         flops=census.flops, model_flops=census.model_flops, bytes=census.bytes,
-        n_ops=sum(o.count for o in census.ops if o.op_class != COMMUNICATION),
+        n_ops=n_ops,
         roofline_s=roofline_s, compute_side_s=sides["compute"], memory_side_s=sides["memory"],
         peak_flops_per_s=op_peak(dtype), bandwidth_bytes_per_s=bw,
         dispatch_overhead_s=profile.dispatch_overhead_s, dtype=dtype, device=profile.device,
         device_type=census.device_type, device_idle_share=idle, sized_ops_share=sized_share,
+        tiny_ops_share=tiny_count / n_ops if n_ops else 0.0,
         batch_scaling_ratio=record.batch_scaling_ratio,
-        comm_bytes=census.comm_bytes, allreduce_busbw_bytes_per_s=profile.allreduce_busbw_bytes_per_s,
+        comm_bytes=census.comm_bytes,
+        allreduce_busbw_bytes_per_s=profile.allreduce_busbw_bytes_per_s or allreduce.get("busbw_bytes_per_s"),
+        allreduce_latency_s=profile.allreduce_latency_s or allreduce.get("latency_s"),
         world_size=record.world_size,
         has_conv=any("conv" in o.op for o in census.ops),
         movement_bytes_share=by_class[DATA_MOVEMENT].bytes / total_bytes,
@@ -406,8 +515,14 @@ def evidence_from(record: StepRecord, profile: DeviceProfile) -> Evidence:
     )
 
 
+def sample_evidence(ev: Evidence, record: StepRecord) -> list[Evidence]:
+    """``ev`` once per timed step, with that step's own breakdown (the census's counts are the step's
+    whatever its timing): the verdict's spread."""
+    return [dataclasses.replace(ev, **s.breakdown()) for s in record.phases.samples]
+
+
 def analyze_run(step_record: dict[str, Any], profile: Optional[DeviceProfile] = None) -> Verdict:
-    """Verdict for a step record (the dict of ``analysis/step.json``).
+    """Verdict for a step record (the dict of ``analysis/step.json``), over each of its timed steps.
 
     ``profile`` defaults to the calibration stored in the record.
     """
@@ -415,4 +530,5 @@ def analyze_run(step_record: dict[str, Any], profile: Optional[DeviceProfile] = 
     profile = profile or record.profile
     if profile is None:
         raise ValueError("step record carries no calibration: pass a DeviceProfile (gradyard calibrate)")
-    return classify(evidence_from(record, profile))
+    ev = evidence_from(record, profile)
+    return classify(ev, sample_evidence(ev, record))
