@@ -319,6 +319,64 @@ def test_batch_scaling_tells_overhead_from_compute(cpu_profile):
     assert verdict.regime == "overhead" and verdict.numbers["batch_scaling_ratio"] == tiny
 
 
+def test_wide_mlp_at_batch_1_is_memory_bound(cpu_profile):
+    """Large steps keep their verdict: at batch 1 a wide MLP streams its weights (FLOP/B ~0.5)."""
+    model = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 2048))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    x = torch.randn(1, 2048)
+    w = workloads.Workload(data=lambda: x, forward=lambda b: model(b).square().mean(),
+                           backward=lambda loss: loss.backward(),
+                           optimizer=lambda: (opt.step(), opt.zero_grad(set_to_none=True)), batch_size=1)
+
+    def measure():
+        bw = max(measure_bandwidth(CPU, quick=True).values())
+        profile = dataclasses.replace(cpu_profile, mem_bandwidth_bytes_per_s=bw)
+        return analyze_run(probe(w, steps=3).to_dict(), profile)
+
+    verdict = _attempts(measure, lambda v: v.numbers["roofline_explained_share"] > 0.1)
+    assert verdict.regime == "memory", verdict.to_json()
+    assert verdict.numbers["roofline_side"] == "memory" and verdict.numbers["roofline_explained_share"] > 0.1
+
+
+SMALL_STEPS = {
+    "mlp-batch-1": ("mnist-shallow.yaml", ["data.source=synthetic", "data.batch_size=1"]),
+    "mlp-batch-8": ("circles.yaml", ["data.batch_size=8"]),
+    "lenet-batch-4": ("mnist-lenet.yaml", ["data.source=synthetic", "data.batch_size=4"]),
+}
+
+
+@pytest.mark.parametrize("name", SMALL_STEPS)
+def test_small_steps_get_one_verdict_ten_times(cpu_profile, tmp_path, name):
+    """Finding: on small steps the verdict changed from one census to the next (overhead, communication,
+    memory for a step that moves a few kB), because overhead was op count x the bare dispatch cost and
+    a tiny gradient's synchronisation latency counted as bandwidth-bound communication.
+
+    Ten census cycles of one 2-worker gloo run of the real Trainer, each an independent verdict."""
+    job, overrides = SMALL_STEPS[name]
+    mp.spawn(workloads.trainer_census_cycles, args=(2, free_port(), str(JOBS / job), overrides, 10, str(tmp_path)),
+             nprocs=2, join=True)
+    verdicts = [analyze_run(json.loads((tmp_path / f"cycle-{i}.json").read_text()), cpu_profile)
+                for i in range(10)]
+    labels = [v.numbers["verdict"] for v in verdicts]
+    detail = "\n".join(f"{v.numbers['verdict']}: {v.shares}" for v in verdicts)
+    assert len(set(labels)) == 1, detail
+    assert labels[0] in ("overhead-bound", "communication-bound (latency)", "mixed (overhead / communication)"), detail
+    for v in verdicts:
+        n = v.numbers
+        assert v.regime not in ("memory", "compute") and v.numbers["runner_up"] not in ("memory", "compute"), detail
+        # The evidence adds up: the shares are the step's seconds, each from its own measurement.
+        assert math.isclose(sum(v.shares.values()), 1.0)
+        assert v.shares["communication"] * n["step_s"] == pytest.approx(n["comm_exposed_s"])
+        assert v.shares["overhead"] * n["step_s"] == pytest.approx(n["overhead_s"])
+        assert v.shares["input"] == pytest.approx(n["data_wait_share"])
+        assert n["compute_s"] == pytest.approx(n["step_s"] * (1 - v.shares["input"] - v.shares["communication"]))
+        assert n["verdict_margin"] == pytest.approx(n["top_share"] - n["runner_up_share"])
+        assert n["margin_spread"] is not None and n["comm_bound_by"] == "latency"  # kB of gradient
+        assert n["comm_bandwidth_explained"] < 0.5 and n["allreduce_latency_s"] > 0
+        assert n["tiny_ops_share"] > 0.5  # most ops finish faster than the step's time per op
+        assert v.shares["memory"] + v.shares["compute"] < 0.25
+
+
 # ---------------------------------------------------------------------------
 # Rules, JSON, report
 
@@ -350,6 +408,39 @@ def test_classify_rules(kw, regime):
     assert v.remedies and v.remedies[0].regime == regime
     d = json.loads(v.to_json())
     assert d["regime"] == regime and isinstance(d["mfu"], float)
+
+
+@pytest.mark.unit
+def test_small_step_is_overhead_not_memory_and_a_tiny_gradient_latency_bound():
+    """The issue's numbers: 49 ops, 22.5 kB a step, a 2 us roofline in 2.06 ms of compute, 2 us bare
+    dispatch (the step measured 42 us an op); a 1 kB gradient whose allreduce took 2.5 ms."""
+    ev = _evidence(step_s=4.4e-3, data_s=0.1e-3, comm_exposed_s=2.4e-3, flops=3e3, model_flops=2e3, bytes=22_536,
+                   n_ops=49, roofline_s=2e-6, compute_side_s=0.0, memory_side_s=2e-6, tiny_ops_share=1.0,
+                   dispatch_overhead_s=2e-6, bandwidth_bytes_per_s=1e10, world_size=2, comm_bytes=1024,
+                   allreduce_busbw_bytes_per_s=1e9, allreduce_latency_s=3e-4)
+    v = classify(ev)
+    assert v.shares["memory"] < 0.01 and v.shares["overhead"] > 0.4
+    assert v.regime == "communication" and v.numbers["runner_up"] == "overhead"
+    assert v.numbers["comm_bound_by"] == "latency" and v.numbers["verdict"] == "communication-bound (latency)"
+    assert [r.action.split(":")[0] for r in v.remedies[:1]] == ["Gradient accumulation"]
+    assert not any("compression" in r.action for r in v.remedies)  # halving bytes does not cut a latency
+
+    big = classify(dataclasses.replace(ev, comm_bytes=32 * 2 ** 20, comm_exposed_s=0.04, step_s=0.045))
+    assert big.numbers["comm_bound_by"] == "bandwidth" and big.numbers["verdict"] == "communication-bound (bandwidth)"
+
+
+@pytest.mark.unit
+def test_a_margin_inside_its_spread_is_mixed():
+    base = _evidence(step_s=5e-3, comm_exposed_s=3e-3, n_ops=50, roofline_s=1e-6, world_size=2)
+    steady = [dataclasses.replace(base, comm_exposed_s=c) for c in (2.9e-3, 3e-3, 3.1e-3)]
+    v = classify(base, steady)
+    assert v.numbers["verdict"].startswith("communication-bound") and v.numbers["margin_spread"] < v.numbers[
+        "verdict_margin"]
+    flipping = [dataclasses.replace(base, comm_exposed_s=c) for c in (1e-3, 3e-3, 4e-3)]
+    v = classify(base, flipping)
+    assert v.numbers["verdict"] == "mixed (overhead / communication)", v.numbers
+    assert v.regime == "communication" and v.numbers["verdict_margin"] <= v.numbers["margin_spread"]
+    assert any("mixed" not in n and "inside" in n for n in v.notes)
 
 
 @pytest.mark.unit
@@ -414,6 +505,37 @@ def test_report_writes_pictures_and_markdown(cpu_profile, tmp_path):
     assert run_analyze(record.to_dict(), None, json_out=True, out=buf) == 0
     assert json.loads(buf.getvalue())["regime"] == verdict.regime
     assert StepRecord.from_dict(record.to_dict()).phases == record.phases
+
+
+def test_analyze_probe_runs_the_batch_scaling_probe(cpu_profile, tmp_path):
+    """`gradyard analyze RUN --probe` times the run's own step at its batch and twice it; its report shows
+    the margin and the evidence behind each share."""
+    import subprocess
+    import sys
+
+    from gradyard.analysis.probe import job_workload
+    from gradyard.job import load_job
+
+    job = load_job(JOBS / "circles.yaml").model_dump(mode="json")
+    record = probe(job_workload(job, 8), profile=cpu_profile)
+    run = tmp_path / "run"
+    (run / "analysis").mkdir(parents=True)
+    (run / "analysis" / "step.json").write_text(json.dumps(record.to_dict()))  # written before the job travelled
+    cli = [sys.executable, "-m", "gradyard", "analyze", str(run), "--probe", "--json"]
+    old = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert old.returncode == 2 and "carries no job" in old.stdout and "Traceback" not in old.stderr
+
+    record.job = job
+    (run / "analysis" / "step.json").write_text(json.dumps(record.to_dict()))
+    done = subprocess.run([*cli, "--out", str(tmp_path / "report")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    d = json.loads(done.stdout)
+    assert 0.5 < d["batch_scaling_ratio"] < 1.5 and d["overhead_source"].startswith("batch scaling")
+    assert d["regime"] == "overhead" and d["verdict_margin"] == pytest.approx(d["top_share"] - d["runner_up_share"])
+    assert d["margin_spread"] is not None
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Shares and their evidence" in md and f"margin {d['verdict_margin']:.0%}" in md
+    assert "| overhead |" in md and "from batch scaling" in md
 
 
 # ---------------------------------------------------------------------------

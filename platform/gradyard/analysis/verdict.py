@@ -12,12 +12,26 @@ two distributed training adds), and the largest part is the verdict:
   the profiler's device idle share; on CPU from the profiled step, as the share
   of its wall time spent outside *sized* ops, those whose roofline time per
   call (max(flops/peak, bytes/bw)) is at least ``TINY_OP_FACTOR`` x the
-  calibrated dispatch cost (the time of tiny ops is their fixed cost); without
-  profiler times, from the roofline residual when op count x dispatch cost is
-  at least ``TINY_OPS_DISPATCH_SHARE`` of compute time.
+  calibrated dispatch cost; without profiler times, from what the step itself
+  measured: an op whose roofline time per call is below the step's measured
+  time per op cannot reach the roof, and the time the roofline leaves
+  unexplained, spread evenly over the ops, is overhead on those ops (all of it
+  when the roofline explains under ``ROOF_EVIDENCE_SHARE`` of compute time).
+  The calibrated bare dispatch cost misses autograd, hooks and the optimizer's
+  bookkeeping, so it is only ever a floor.
 - **compute** / **memory**: the rest of compute time, divided by measured op
   time on each side of the ridge point (an op whose FLOPs/byte is at or above
   peak FLOP/s / bandwidth is compute-bound).
+
+Communication is *bandwidth*-bound when the calibrated bus bandwidth explains at
+least ``BANDWIDTH_EXPLAINED_SHARE`` of the exposed allreduce time for the step's
+bytes, else *latency*-bound (a tiny gradient: the collective's fixed cost and the
+wait for the other ranks), with remedies that cut syncs rather than bytes.
+
+The verdict is the largest share of the timed steps' medians, with its margin
+over the runner-up; the same shares are taken on each timed step alone, and when
+the margin is inside the spread those per-step margins showed, the verdict is
+``mixed (a / b)``: the measurement cannot tell the two apart.
 
 Remedies follow the verdict (and any other part over ``SECONDARY_SHARE``),
 each with what the evidence says it could buy.
