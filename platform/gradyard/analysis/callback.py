@@ -110,7 +110,8 @@ class CensusCallback(Callback):
         if self.every is None:
             target = self.at_step
         else:
-            target = self.at_step + self.every * max(0, -(-(step - self.at_step - 1) // self.every))
+            last = 1 + self.after_steps  # a cycle's last step is target + last
+            target = self.at_step + self.every * max(0, -(-(step - self.at_step - last) // self.every))
         return target if target - self.timing_steps <= step <= target + 1 + self.after_steps else None
 
     def on_event(self, event: Event, state: Any) -> None:
