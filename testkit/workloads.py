@@ -180,4 +180,6 @@ def trainer_census_cycles(rank: int, world_size: int, port: int, job: str, overr
         storage = open_storage(f"file://{os.path.join(out_dir, 'run')}")
         Trainer(spec, storage, DistInfo(rank=rank, world_size=world_size), spec.name, callbacks).fit()
     finally:
-        dist.destroy_process_group()
+        from gradyard.train import shutdown_process_group
+
+        shutdown_process_group()  # the DDP reducer collected first, as the torchrun entry does

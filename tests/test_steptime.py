@@ -74,7 +74,7 @@ class _Records(Callback):
 def test_census_telemetry_and_summary_read_the_same_step_records(tmp_path):
     from gradyard.analysis import CensusCallback, DeviceProfile
     from gradyard.analysis.verdict import evidence_from
-    from gradyard.steptime import PHASES, STEADY_AFTER_STEPS
+    from gradyard.steptime import CENSUS_RECORD_AT_STEP, CENSUS_TIMING_STEPS, PHASES, STEADY_AFTER_STEPS
     from gradyard.telemetry import FlopsMonitor, TelemetryMetrics, build_telemetry_callbacks
 
     metrics = TelemetryMetrics(CollectorRegistry())
@@ -83,11 +83,12 @@ def test_census_telemetry_and_summary_read_the_same_step_records(tmp_path):
     census_records = []
     census = CensusCallback(sink=census_records.append)  # the live census's default schedule
     seen = _Records()
-    trainer = _trainer(tmp_path, [*telemetry, census, seen], 14)
+    steps = CENSUS_RECORD_AT_STEP + 2
+    trainer = _trainer(tmp_path, [*telemetry, census, seen], steps)
     trainer.fit()
     records = seen.records
 
-    assert [r.step for r in records] == list(range(14))
+    assert [r.step for r in records] == list(range(steps))
     disturbed = [r.step for r in records if r.disturbed]
     assert disturbed == [0, census.at_step, census.at_step + 1]  # the FLOP count, the census count, its profile
     assert max(disturbed) < STEADY_AFTER_STEPS  # the steady window starts after every scheduled measurement
@@ -97,7 +98,7 @@ def test_census_telemetry_and_summary_read_the_same_step_records(tmp_path):
     (record,) = census_records
     timed = [r for r in records if census.at_step - census.timing_steps <= r.step < census.at_step
              or census.at_step + 1 < r.step <= census.at_step + 1 + census.after_steps]
-    assert record.phases.steps_timed == len(timed) == 9 and record.step == census.at_step
+    assert record.phases.steps_timed == len(timed) == CENSUS_TIMING_STEPS + census.after_steps and record.step == census.at_step
     assert [s.breakdown() for s in record.phases.samples] == [r.breakdown() for r in timed]
     for phase in PHASES:
         assert getattr(record.phases, f"{phase}_s") == statistics.median(getattr(r, f"{phase}_s") for r in timed)

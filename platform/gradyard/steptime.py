@@ -63,7 +63,7 @@ CENSUS_AT_STEP = 5
 """The step the live census counts (:class:`gradyard.analysis.callback.CensusCallback`); it reads
 the times of the :data:`CENSUS_TIMING_STEPS` steps before it and profiles the step after it."""
 CENSUS_TIMING_STEPS = 3
-CENSUS_AFTER_STEPS = 6
+CENSUS_AFTER_STEPS = 15
 """Undisturbed steps after the census's profile step that it times too: with the timing steps before
 it, the verdict is judged on each of these steps and its margin weighed against their spread."""
 CENSUS_RECORD_AT_STEP = CENSUS_AT_STEP + 1 + CENSUS_AFTER_STEPS

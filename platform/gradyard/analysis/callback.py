@@ -52,7 +52,7 @@ class CensusCallback(Callback):
     outside the timed phases' marks; ``profile_ops=False`` skips the profiler:
     PyTorch's profiler leaves the thread that ran it slower for good, about 4%
     on fashion-cnn, which a census inside a training job must not cost), and the
-    ``after_steps`` steps after it are timed too (steps 7-12): the record, written
+    ``after_steps`` steps after it are timed too (steps 7-21): the record, written
     at the end of the last, carries each timed step's breakdown (``Phases.samples``)
     beside their medians, so the verdict weighs its margin against their spread.  The
     counted and profiled steps are disturbed steps for the timer (left out of

@@ -25,8 +25,13 @@ two distributed training adds), and the largest part is the verdict:
 
 Communication is *bandwidth*-bound when the calibrated bus bandwidth explains at
 least ``BANDWIDTH_EXPLAINED_SHARE`` of the exposed allreduce time for the step's
-bytes, else *latency*-bound (a tiny gradient: the collective's fixed cost and the
-wait for the other ranks), with remedies that cut syncs rather than bytes.
+bytes and, where the group's one-float allreduce time (the collective's fixed
+cost, Hockney's alpha) was measured, the transfer takes at least
+``LATENCY_FACTOR`` times it; else *latency*-bound (a small gradient: the
+collective's fixed cost and the wait for the other ranks), with remedies that cut
+syncs rather than bytes.  Below twice the size at which a collective reaches half
+the bus bandwidth (n_1/2 = alpha x bandwidth) the fixed cost is still a third of
+the transfer or more, and halving the bytes buys little.
 
 The verdict is the largest share of the timed steps' medians, with its margin
 over the runner-up; the same shares are taken on each timed step alone, and when
@@ -64,6 +69,9 @@ and the unexplained time is overhead."""
 BANDWIDTH_EXPLAINED_SHARE = 0.5
 """Exposed allreduce time is bandwidth-bound when the calibrated bus bandwidth explains at least this
 share of it for the step's bytes; otherwise latency-bound (synchronisation, round trips)."""
+LATENCY_FACTOR = 2.0
+"""Bandwidth-bound also needs the transfer at the bus bandwidth to take this many one-float allreduce
+times (the payload past twice n_1/2); a gradient of a few hundred kB over gloo is not."""
 SECONDARY_SHARE = 0.2
 """Parts of the step at least this large get their remedies listed too."""
 
@@ -252,7 +260,8 @@ def _comm_bound_by(ev: Evidence, ideal_s: Optional[float]) -> tuple[Optional[str
     if ideal_s is None:
         return "not calibrated", None
     explained = _clamp(ideal_s / ev.comm_exposed_s)
-    return ("bandwidth" if explained >= BANDWIDTH_EXPLAINED_SHARE else "latency"), explained
+    past_fixed_cost = ev.allreduce_latency_s is None or ideal_s >= LATENCY_FACTOR * ev.allreduce_latency_s
+    return ("bandwidth" if explained >= BANDWIDTH_EXPLAINED_SHARE and past_fixed_cost else "latency"), explained
 
 
 def regime_label(regime: str, comm_bound_by: Optional[str] = None) -> str:
