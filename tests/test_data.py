@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import boto3
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -14,6 +15,7 @@ from gradyard.data import DataError, build_datasets
 from gradyard.data.augment import Augmented
 from gradyard.data.base import ImageDataset
 from gradyard.job import JobError, parse_job
+from conftest import ROOT
 from testkit.datafiles import MAMMO, make_aclimdb, make_imagefolder, make_mnist
 
 pytestmark = pytest.mark.unit
@@ -412,3 +414,52 @@ def test_staging_reports_progress_through_fsspecs_batched_get(tmp_path, s3, caps
     monkeypatch.setattr(progress, "now", lambda: 0.0)  # instant: nothing to say
     stage(f"s3://gradyard-test/{prefix}", cache_dir=str(tmp_path / "cache2"), endpoint_url=s3.endpoint)
     assert "staging" not in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_builtin_sets_and_splits_are_scikit_learns_own_without_importing_it():
+    """gradyard makes circles, blobs, breast_cancer, digits and every train/test split without importing
+    scikit-learn (2.4 s of CPU per worker, paid again at each restart): draw for draw the same arrays."""
+    import subprocess
+    import sys
+
+    from sklearn import datasets
+    from sklearn.model_selection import train_test_split
+
+    from gradyard.data import sklearn_compat as compat
+
+    for n, seed in [(1000, 42), (7, 0), (513, 2026)]:
+        for ours, theirs in [(compat.make_circles(n, noise=0.1, factor=0.5, random_state=seed),
+                              datasets.make_circles(n_samples=n, noise=0.1, factor=0.5, random_state=seed)),
+                             (compat.make_blobs(n, n_features=2, centers=4, cluster_std=1.5, random_state=seed),
+                              datasets.make_blobs(n_samples=n, n_features=2, centers=4, cluster_std=1.5,
+                                                  random_state=seed))]:
+            assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(ours, theirs))
+    bc, dg = datasets.load_breast_cancer(), datasets.load_digits()
+    assert all(np.array_equal(a, b) for a, b in zip(compat.load_breast_cancer(), (bc.data, bc.target)))
+    assert all(np.array_equal(a, b) for a, b in zip(compat.load_digits(), (dg.images, dg.target)))
+
+    rng = np.random.default_rng(3)
+    labels = {"balanced": np.repeat([0, 1], 50), "skewed": np.array([0] * 90 + [1] * 7 + [2] * 3),
+              "ties": rng.integers(0, 7, 101), "strings": np.array(list("abcab") * 9),
+              "one member": np.array([0] * 20 + [1])}
+    for name, y in labels.items():
+        for fraction in (0.2, 0.25, 0.1, 0.5):
+            for seed in (0, 42, 7):
+                for stratify in (y, None):
+                    try:
+                        want = train_test_split(np.arange(len(y)), test_size=fraction, random_state=seed,
+                                                stratify=stratify)
+                    except ValueError:
+                        with pytest.raises(ValueError):
+                            compat.train_test_split(len(y), fraction, seed, stratify)
+                        continue
+                    got = compat.train_test_split(len(y), fraction, seed, stratify)
+                    assert all(np.array_equal(a, b) for a, b in zip(got, want)), (name, fraction, seed)
+
+    # and a job's data is made without it
+    code = ("import sys; from gradyard.job import load_job; from gradyard.data import build_datasets; "
+            "[build_datasets(load_job(f'jobs/{j}.yaml')) for j in ('circles', 'blobs', 'breast-cancer-mlp', "
+            "'mnist-shallow')]; print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

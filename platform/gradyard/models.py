@@ -22,7 +22,6 @@ import math
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
-import torchvision
 from torch import nn
 
 from gradyard.catalogue import CATALOGUE, check_job, model_params
@@ -193,6 +192,8 @@ def lstm_sentiment(info: "DataInfo", embed_dim: int = 64, lstm_units: Sequence[i
 
 def alexnet(info: "DataInfo", dropout: float = 0.5) -> nn.Module:
     """torchvision's AlexNet, randomly initialised."""
+    import torchvision  # here, not at the top: importing it costs every job's workers ~2 s of CPU
+
     return torchvision.models.alexnet(weights=None, num_classes=_out_features(info),
                                       dropout=dropout)
 
@@ -204,6 +205,8 @@ def efficientnet_b0_transfer(info: "DataInfo", dropout: float = 0.2, *,
     Weights load into the full ImageNet network first, so every key must fit;
     the old 1000-class classifier is then discarded by the replacement.
     """
+    import torchvision
+
     model = torchvision.models.efficientnet_b0(weights=None)
     if state_dict is not None:
         _load_strict(model, state_dict, "efficientnet_b0")

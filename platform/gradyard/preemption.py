@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Any, Optional
 
@@ -78,6 +79,9 @@ class PreemptionNotice:
 
     def drain_notice(self, rank: int) -> bool:
         """Ray Train's preemption info says this worker's node is being drained (once per notice)."""
+        context = "ray.train.v2._internal.execution.context"
+        if context not in sys.modules:  # not a Ray Train worker (torchrun): nothing to ask, and no Ray to import
+            return False
         try:
             from ray.train.v2._internal.execution.context import get_train_context
 

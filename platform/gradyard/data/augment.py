@@ -9,17 +9,23 @@ caller's stream is left as it was.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
 
 from gradyard.data.base import ImageDataset, SplitDataset
 
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
-def build_transform(augmentations: Sequence) -> Optional[v2.Transform]:
+
+def build_transform(augmentations: Sequence) -> Optional["v2.Transform"]:
     """The job's `augmentation` list as one v2 transform on uint8 (C, H, W) tensors."""
+    if not augmentations:
+        return None
+    from torchvision.transforms import v2  # only a job that augments pays for importing torchvision
+
     steps = []
     for a in augmentations:
         if a.name == "flip":
@@ -47,7 +53,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class Augmented(SplitDataset):
     """The training split of an image set, augmented as a pure function of (seed, epoch, index)."""
 
-    def __init__(self, base: ImageDataset, transform: Optional[v2.Transform], seed: int):
+    def __init__(self, base: ImageDataset, transform: Optional["v2.Transform"], seed: int):
         self.base, self.transform, self.seed = base, transform, seed
         self.epoch = 0
 

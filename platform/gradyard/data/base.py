@@ -18,9 +18,17 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as F
 
 from gradyard.job import JobError
+
+
+def _tv():
+    """torchvision's v2 functional ops, imported on first use: importing torchvision loads its
+    models, ops and torch._dynamo (about 2 s of CPU), which a job whose images are already of
+    the model's shape, or a job without images, never needs."""
+    from torchvision.transforms.v2 import functional
+
+    return functional
 
 
 class DataError(JobError):
@@ -127,7 +135,7 @@ class ImageFiles:
 
         try:
             with Image.open(self.paths[i]) as im:
-                return F.pil_to_tensor(im.convert("RGB"))
+                return _tv().pil_to_tensor(im.convert("RGB"))
         except (OSError, ValueError, SyntaxError) as exc:  # PIL's decoders raise all three
             raise DataError(f"data.source: cannot decode image {self.paths[i]} ({type(exc).__name__}: "
                             f"{str(exc)[:200]})") from None
@@ -147,13 +155,15 @@ class ImageDataset(SplitDataset):
         g = self.geometry
         img = self.images[i]
         if img.shape[0] != g.channels:
-            img = F.rgb_to_grayscale(img) if g.channels == 1 else img.expand(g.channels, -1, -1)
-        mode = F.InterpolationMode(g.interpolation)
+            img = _tv().rgb_to_grayscale(img) if g.channels == 1 else img.expand(g.channels, -1, -1)
         if g.resize is not None:
-            img = F.resize(img, [g.resize], interpolation=mode, antialias=True)
+            F = _tv()
+            img = F.resize(img, [g.resize], interpolation=F.InterpolationMode(g.interpolation), antialias=True)
             img = F.center_crop(img, [g.size, g.size])
         elif tuple(img.shape[1:]) != (g.size, g.size):
-            img = F.resize(img, [g.size, g.size], interpolation=mode, antialias=True)
+            F = _tv()
+            img = F.resize(img, [g.size, g.size], interpolation=F.InterpolationMode(g.interpolation),
+                           antialias=True)
         return img.contiguous()
 
     def raw_batch(self, indices: Sequence[int]) -> Optional[torch.Tensor]:
@@ -168,7 +178,10 @@ class ImageDataset(SplitDataset):
         """uint8 → the model's float input; one image (C, H, W) or a batch (N, C, H, W)."""
         x = img.to(torch.float32) / 255.0
         if self.geometry.mean is not None:
-            x = F.normalize(x, mean=list(self.geometry.mean), std=list(self.geometry.std))
+            # torchvision's normalize, op for op (sub, then div, per channel), without importing it
+            mean = torch.as_tensor(self.geometry.mean, dtype=x.dtype).view(-1, 1, 1)
+            std = torch.as_tensor(self.geometry.std, dtype=x.dtype).view(-1, 1, 1)
+            x = x.sub(mean).div_(std)
         return x
 
     def __getitem__(self, i: int):
@@ -181,14 +194,12 @@ class ImageDataset(SplitDataset):
 def split_indices(n: int, test_fraction: float, seed: int,
                   stratify: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """A deterministic (train, test) split of range(n), stratified where the classes allow."""
-    from sklearn.model_selection import train_test_split
+    from gradyard.data.sklearn_compat import train_test_split
 
-    idx = np.arange(n)
     try:
-        tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed,
-                                  stratify=stratify)
+        tr, te = train_test_split(n, test_fraction, seed, stratify)
     except ValueError:  # a class too small to stratify
-        tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed)
+        tr, te = train_test_split(n, test_fraction, seed)
     return np.sort(tr), np.sort(te)
 
 

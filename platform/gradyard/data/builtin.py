@@ -1,7 +1,9 @@
 """Data sets that need no files: scikit-learn's bundled and generated sets, and `synthetic`.
 
 scikit-learn ships `digits` and `breast_cancer` inside its wheel, so none of
-these reads the network.  Each is a pure function of the job's seed.
+these reads the network.  Each is a pure function of the job's seed.  They are
+made by :mod:`gradyard.data.sklearn_compat` (scikit-learn's own draws, without
+the cost of importing it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ SYNTHETIC_SAMPLES = 512
 
 
 def circles(spec, entry):
-    from sklearn.datasets import make_circles
+    from gradyard.data.sklearn_compat import make_circles
 
     x, y = make_circles(n_samples=spec.data.num_samples or 1000, noise=0.1, factor=0.5,
                         random_state=spec.schedule.seed)
@@ -30,7 +32,7 @@ def circles(spec, entry):
 
 
 def blobs(spec, entry):
-    from sklearn.datasets import make_blobs
+    from gradyard.data.sklearn_compat import make_blobs
 
     # 4 centres, 2 features, cluster_std 1.5 as in learnpytorch.io's classification chapter.
     x, y = make_blobs(n_samples=spec.data.num_samples or 1000, n_features=2, centers=4,
@@ -40,21 +42,21 @@ def blobs(spec, entry):
 
 
 def breast_cancer(spec, entry):
-    from sklearn.datasets import load_breast_cancer
+    from gradyard.data.sklearn_compat import load_breast_cancer
 
-    d = load_breast_cancer()
-    return tabular_splits("breast_cancer", d.data, d.target, "binary", 1,
+    data, target = load_breast_cancer()
+    return tabular_splits("breast_cancer", data, target, "binary", 1,
                           spec.data.test_fraction, spec.schedule.seed, standardise=True)
 
 
 def digits(spec, entry):
     """sklearn's 8x8 handwritten digits (0..16) as images: 1x28x28, or the model's own size."""
-    from sklearn.datasets import load_digits
+    from gradyard.data.sklearn_compat import load_digits
 
-    d = load_digits()
-    images = torch.as_tensor(np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    digit_images, target = load_digits()
+    images = torch.as_tensor(np.rint(digit_images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
     geometry = image_geometry(spec, entry, native_channels=1, native_size=28)
-    return image_splits("digits", images, d.target, "multiclass", 10, geometry, spec)
+    return image_splits("digits", images, target, "multiclass", 10, geometry, spec)
 
 
 def image_splits(name, images: torch.Tensor, y: np.ndarray, task: str, num_classes: int,
