@@ -177,6 +177,34 @@ def _fit(callbacks, tmp_path, name: str, steps: int = 8):
     return trainer.state.model
 
 
+def test_a_run_that_ends_inside_the_census_still_gets_its_verdict(cpu_profile, tmp_path):
+    """Review finding: the record waits for step 21 (18 timed steps); a 12-step run got none at all.
+    It is taken at FIT_END from the steps the run timed."""
+    from gradyard.steptime import CENSUS_AT_STEP, CENSUS_RECORD_AT_STEP, CENSUS_TIMING_STEPS
+
+    records = []
+    steps = CENSUS_RECORD_AT_STEP - 9
+    _fit([CensusCallback(profile=cpu_profile, sink=records.append, profile_ops=False)], tmp_path, "a", steps=steps)
+    (record,) = records
+    assert record.step == CENSUS_AT_STEP
+    assert record.phases.steps_timed == CENSUS_TIMING_STEPS + steps - (CENSUS_AT_STEP + 2)
+    assert analyze_run(record.to_dict()).regime in REGIMES
+
+
+def test_the_groups_allreduce_is_measured_after_the_profiler_stopped(cpu_profile, tmp_path, monkeypatch):
+    """Review finding: the live census measured the group's allreduce before it stopped the profiler,
+    so on CUDA the benchmark's collectives entered the profiled step as exposed communication."""
+    from gradyard.analysis import callback as census_callback
+
+    order, stop = [], census_callback._finish_profiler
+    monkeypatch.setattr(census_callback, "_finish_profiler",
+                        lambda *a, **kw: (order.append("profiler stopped"), stop(*a, **kw))[1])
+    monkeypatch.setattr(CensusCallback, "_measure_allreduce", lambda self: order.append("allreduce measured"))
+    _fit([CensusCallback(at_step=4, timing_steps=2, profile=cpu_profile, profile_ops=True, measure_allreduce=True,
+                         after_steps=0)], tmp_path, "a")
+    assert order == ["profiler stopped", "allreduce measured"]
+
+
 def test_census_callback_leaves_training_bitwise_identical(cpu_profile, tmp_path):
     records = []
     cb = CensusCallback(at_step=3, timing_steps=2, profile=cpu_profile, sink=records.append, after_steps=0)
@@ -215,7 +243,7 @@ def test_census_callback_in_the_real_trainer(cpu_profile, tmp_path):
     assert verdict.regime == "overhead", verdict.to_json()  # a 16x16 MLP on CPU: all dispatch
 
     # What a job runs (telemetry.profile_ops off): counts only, no profiler, and
-    # the verdict still finds the dispatch-bound step from op count x per-op cost.
+    # the verdict still finds the dispatch-bound step: the roofline explains almost none of its time.
     counted = []
     _fit([CensusCallback(at_step=4, timing_steps=2, profile=cpu_profile, sink=counted.append,
                          profile_ops=False, after_steps=0)], tmp_path, "c")
@@ -547,6 +575,13 @@ def test_analyze_probe_runs_the_batch_scaling_probe(cpu_profile, tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Shares and their evidence" in md and f"margin {d['verdict_margin']:.0%}" in md
     assert "| overhead |" in md and "from batch scaling" in md
+
+    if not torch.cuda.is_available():  # a GPU's record is probed on a GPU, never with a CPU's ratio
+        gpu = record.to_dict()
+        gpu["census"]["device_type"] = "cuda"
+        (run / "analysis" / "step.json").write_text(json.dumps(gpu))
+        refused = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "on a GPU machine" in refused.stdout and "Traceback" not in refused.stderr
 
 
 # ---------------------------------------------------------------------------

@@ -54,11 +54,12 @@ class CensusCallback(Callback):
     on fashion-cnn, which a census inside a training job must not cost), and the
     ``after_steps`` steps after it are timed too (steps 7-21): the record, written
     at the end of the last, carries each timed step's breakdown (``Phases.samples``)
-    beside their medians, so the verdict weighs its margin against their spread.  The
+    beside their medians, so the verdict weighs its margin against their spread (a
+    run that ends before step 21 gets its record at FIT_END, from the steps it timed).  The
     counted and profiled steps are disturbed steps for the timer (left out of
     step-time averages).  ``every=N`` repeats the cycle every N steps.
     ``measure_allreduce`` (the live analysis): at the end of the first cycle, after
-    the profiled step's end mark, every rank measures the group's allreduce bus
+    the profiled step's end mark and its profiler, every rank measures the group's allreduce bus
     bandwidth and one-float latency (the schedule is the same on every rank, so
     the collectives pair up): what tells latency-bound from bandwidth-bound
     communication, which a per-device calibration cannot know.
@@ -76,7 +77,7 @@ class CensusCallback(Callback):
     name = "census"
     critical = False
     events = frozenset((Event.FIT_START, Event.AFTER_DATA, Event.BEFORE_FORWARD, Event.AFTER_OPTIMIZER,
-                        Event.BATCH_END))
+                        Event.BATCH_END, Event.FIT_END))
 
     def __init__(self, at_step: int = CENSUS_AT_STEP, every: Optional[int] = None,
                  timing_steps: int = CENSUS_TIMING_STEPS, profile: Optional["DeviceProfile"] = None,
@@ -95,6 +96,8 @@ class CensusCallback(Callback):
         self.profile_ops = profile_ops
         self.measure_allreduce = measure_allreduce
         self._allreduce: Optional[dict[str, float]] = None
+        self._target: Optional[int] = None
+        """The census step of the cycle under way."""
         self.device_type = torch.device(device).type if device is not None else None
         self.record: Optional["StepRecord"] = None
         self._done: list[int] = []
@@ -121,6 +124,13 @@ class CensusCallback(Callback):
             if self.device_type is None:
                 self.device_type = torch.device(state.device).type
             return
+        if event is Event.FIT_END:
+            # A run that ends inside a cycle's timed steps still gets its verdict, on the steps it timed.
+            if self._census is not None and self._mode is None and self._prof is None and self._target is not None:
+                self._timer.flush()
+                if self._timed:
+                    self._finish(self._target)
+            return
         if self.every is None and self.at_step in self._done:
             return
         step = int(state.step)
@@ -130,10 +140,9 @@ class CensusCallback(Callback):
         if target is None or target in self._done:
             return
         if step == target:
+            self._target = target
             self._count(event)
         elif step == target + 1:
-            if event is Event.BATCH_END:
-                self._measure_allreduce()
             self._profile(event, target, state)
         elif step == target + 1 + self.after_steps and event is Event.BATCH_END and self._census is not None:
             self._timer.flush(through=step)
@@ -170,7 +179,9 @@ class CensusCallback(Callback):
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return
-        self._allreduce = {"busbw_bytes_per_s": measure_allreduce_busbw(quick=True),
+        # 16 MiB on a GPU, not calibrate's 64: a job running near its memory limit must not run out here.
+        nbytes = 16 * 2 ** 20 if self.device_type == "cuda" else None
+        self._allreduce = {"busbw_bytes_per_s": measure_allreduce_busbw(quick=True, nbytes=nbytes),
                            "latency_s": measure_allreduce_latency(quick=True),
                            "world_size": dist.get_world_size()}
 
@@ -205,6 +216,7 @@ class CensusCallback(Callback):
                 wall = (rec.forward_s + rec.backward_s + rec.comm_exposed_s + rec.optimizer_s) if rec else 0.0
                 _finish_profiler(self._prof, self._census, wall)  # after the step's end mark: not step time
                 self._prof = None
+            self._measure_allreduce()  # after the profiler stopped: its collectives are no step's
             if not self.after_steps:
                 self._finish(target)
 

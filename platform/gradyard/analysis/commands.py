@@ -50,11 +50,18 @@ def run_analyze(step_record: dict[str, Any], out_dir: Optional[os.PathLike] = No
             out.write("the step record carries no job (written before gradyard recorded it): "
                       "run the job again, then `gradyard analyze --probe`\n")
             return 2
+        import torch
+
         from gradyard.analysis.probe import batch_scaling, job_workload
 
+        device = record.census.device_type or "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            out.write("the step record was taken on a GPU and this machine has none: the probe times the job's "
+                      "step on the record's device, so run `gradyard analyze --probe` on a GPU machine\n")
+            return 2
         batch = record.batch_size or int(record.job["data"]["batch_size"])
         step_record = dict(step_record, batch_scaling_ratio=batch_scaling(
-            lambda b: job_workload(record.job, b), batch))
+            lambda b: job_workload(record.job, b, device), batch))
     verdict = analyze_run(step_record, profile)
     paths = write_report(verdict, record.census, record.phases, profile, out_dir) if out_dir else []
     if json_out:

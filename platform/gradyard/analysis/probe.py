@@ -139,25 +139,30 @@ def batch_scaling(make_workload: Callable[[int], Workload], batch_size: int, ste
     return compute_s(2 * batch_size) / compute_s(batch_size)
 
 
-def job_workload(job: dict[str, Any], batch_size: Optional[int] = None) -> Workload:
+def job_workload(job: dict[str, Any], batch_size: Optional[int] = None, device: str = "cpu") -> Workload:
     """One process's training step of ``job`` (a job document, e.g. the step record's ``job``), at
     ``batch_size`` (default: the job's): the real Trainer's model, loss and optimizer, on synthetic
-    data of the job's shapes (the probe times compute, not the data source), on the CPU."""
+    data of the job's shapes (the probe times compute, not the data source), on ``device``
+    (``cpu`` or ``cuda``: the device the record was taken on)."""
+    import shutil
     import tempfile
+    import weakref
 
     from gradyard.job import apply_overrides, parse_job
     from gradyard.storage import open_storage
     from gradyard.trainer import DistInfo, Trainer
 
-    doc = apply_overrides(json.loads(json.dumps(job)), ["data.source=synthetic", "scaling.use_gpu=false"]
+    gpu = "true" if device == "cuda" else "false"
+    doc = apply_overrides(json.loads(json.dumps(job)), ["data.source=synthetic", f"scaling.use_gpu={gpu}"]
                           + ([f"data.batch_size={batch_size}"] if batch_size else []))
     doc["data"]["loader_workers"] = 0
     spec = parse_job(doc, "the run's job")
     scratch = tempfile.mkdtemp(prefix="gradyard-probe-")
     trainer = Trainer(spec, open_storage(f"file://{scratch}"), DistInfo(), "probe", [],
-                      device=torch.device("cpu"))
+                      device=torch.device(device))
+    weakref.finalize(trainer, shutil.rmtree, scratch, True)  # the scratch run goes with the trainer
     state = trainer.state
-    inputs, targets = next(iter(trainer._loader(0, 0)))
+    inputs, targets = (t.to(trainer.state.device) for t in next(iter(trainer._loader(0, 0))))
 
     def forward(batch: Any) -> torch.Tensor:
         with trainer._autocast():
@@ -169,4 +174,4 @@ def job_workload(job: dict[str, Any], batch_size: Optional[int] = None) -> Workl
         state.optimizer.zero_grad(set_to_none=True)
 
     return Workload(data=lambda: (inputs, targets), forward=forward, backward=lambda loss: loss.backward(),
-                    optimizer=optimizer, device="cpu", batch_size=spec.data.batch_size)
+                    optimizer=optimizer, device=device, batch_size=spec.data.batch_size)

@@ -31,7 +31,7 @@ cost, Hockney's alpha) was measured, the transfer takes at least
 collective's fixed cost and the wait for the other ranks), with remedies that cut
 syncs rather than bytes.  Below twice the size at which a collective reaches half
 the bus bandwidth (n_1/2 = alpha x bandwidth) the fixed cost is still a third of
-the transfer or more, and halving the bytes buys little.
+the collective's time or more, and halving the bytes buys little.
 
 The verdict is the largest share of the timed steps' medians, with its margin
 over the runner-up; the same shares are taken on each timed step alone, and when
@@ -517,7 +517,11 @@ def evidence_from(record: StepRecord, profile: DeviceProfile) -> Evidence:
     idle = None
     if census.device_type == "cuda" and census.device_busy_s is not None and census.profiled_wall_s:
         idle = _clamp(1 - census.device_busy_s / census.profiled_wall_s)
-    allreduce = record.allreduce or {}
+    # The job's own group measured in the run wins over a calibration, which may come from another group.
+    allreduce = dict(record.allreduce or {})
+    if not allreduce and profile.allreduce_world_size in (None, record.world_size):
+        allreduce = {"busbw_bytes_per_s": profile.allreduce_busbw_bytes_per_s,
+                     "latency_s": profile.allreduce_latency_s}
     return Evidence(
         **ph.breakdown(),
         flops=census.flops, model_flops=census.model_flops, bytes=census.bytes,
@@ -529,8 +533,8 @@ def evidence_from(record: StepRecord, profile: DeviceProfile) -> Evidence:
         tiny_ops_share=tiny_count / n_ops if n_ops else 0.0,
         batch_scaling_ratio=record.batch_scaling_ratio,
         comm_bytes=census.comm_bytes,
-        allreduce_busbw_bytes_per_s=profile.allreduce_busbw_bytes_per_s or allreduce.get("busbw_bytes_per_s"),
-        allreduce_latency_s=profile.allreduce_latency_s or allreduce.get("latency_s"),
+        allreduce_busbw_bytes_per_s=allreduce.get("busbw_bytes_per_s"),
+        allreduce_latency_s=allreduce.get("latency_s"),
         world_size=record.world_size,
         has_conv=any("conv" in o.op for o in census.ops),
         movement_bytes_share=by_class[DATA_MOVEMENT].bytes / total_bytes,
