@@ -126,17 +126,23 @@ def probe(w: Workload, steps: int = 3, warmup: int = 1, profile: Optional[Device
                       batch_size=w.batch_size, batch_scaling_ratio=batch_scaling_ratio)
 
 
-def batch_scaling(make_workload: Callable[[int], Workload], batch_size: int, steps: int = 5) -> float:
+def batch_scaling(make_workload: Callable[[int], Workload], batch_size: int, steps: int = 5,
+                  rounds: int = 3) -> float:
     """Compute time (step less data wait) at batch 2B over batch B.
 
     A fixed per-step cost does not grow with the batch: a ratio near 1 means
     overhead-bound, near 2 means the device's compute or bandwidth is the limit.
+    The two batch sizes are timed in interleaved rounds (2B, B, 2B, B, ...) and
+    the ratio is that of their medians: one block of a millisecond-step run after
+    the other read 1.6 for a step that does not grow with its batch.
     """
-    def compute_s(b: int) -> float:
-        p = time_phases(make_workload(b), steps=steps, warmup=1)
-        return max(p.step_s - p.data_s, 1e-9)
-
-    return compute_s(2 * batch_size) / compute_s(batch_size)
+    workloads = {b: make_workload(b) for b in (2 * batch_size, batch_size)}
+    seconds: dict[int, list[float]] = {b: [] for b in workloads}
+    for _ in range(rounds):
+        for b, w in workloads.items():
+            p = time_phases(w, steps=steps, warmup=1)
+            seconds[b].append(max(p.step_s - p.data_s, 1e-9))
+    return statistics.median(seconds[2 * batch_size]) / statistics.median(seconds[batch_size])
 
 
 def job_workload(job: dict[str, Any], batch_size: Optional[int] = None, device: str = "cpu") -> Workload:
