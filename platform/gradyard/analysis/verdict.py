@@ -209,6 +209,11 @@ def _clamp(x: float) -> float:
     return min(1.0, max(0.0, x))
 
 
+def _compute_s(ev: Evidence) -> float:
+    """The step's compute time; none when data wait and exposed communication fill the step."""
+    return ev.compute_s if ev.step_s > ev.data_s + ev.comm_exposed_s else 0.0
+
+
 def _overhead(ev: Evidence, compute_s: float) -> tuple[float, str]:
     """Share of compute time that is overhead, and where the figure came from."""
     unexplained = _clamp(1 - ev.roofline_s / compute_s) if compute_s else 0.0
@@ -231,7 +236,7 @@ def _overhead(ev: Evidence, compute_s: float) -> tuple[float, str]:
 def _shares(ev: Evidence) -> tuple[dict[str, float], float, str]:
     """Share of the step per regime (sums to 1), the overhead share of compute time and its source."""
     step = max(ev.step_s, 1e-12)
-    compute_s = ev.compute_s if ev.step_s > ev.data_s + ev.comm_exposed_s else 0.0
+    compute_s = _compute_s(ev)
     overhead_frac, source = _overhead(ev, compute_s)
     rest = compute_s * (1 - overhead_frac)
     sides = ev.compute_side_s + ev.memory_side_s
@@ -274,7 +279,7 @@ def classify(ev: Evidence, samples: Sequence[Evidence] = ()) -> Verdict:
     """The verdict of ``ev`` (the timed steps' medians); ``samples``, the same step's evidence with
     each timed step's own breakdown, measure the spread of its margin."""
     step = max(ev.step_s, 1e-12)
-    compute_s = ev.compute_s if ev.step_s > ev.data_s + ev.comm_exposed_s else 0.0
+    compute_s = _compute_s(ev)
     unexplained = _clamp(1 - ev.roofline_s / compute_s) if compute_s else 0.0
     dispatch_share = _clamp(ev.n_ops * ev.dispatch_overhead_s / compute_s) if compute_s else 0.0
     notes: list[str] = []
